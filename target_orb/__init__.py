@@ -1,0 +1,1 @@
+"""target-orb: Segment Track events to Orb usage events."""
