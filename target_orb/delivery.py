@@ -1,0 +1,255 @@
+"""Delivery control flow for one request: retry in budget, 413 halving, 400 quarantine/bisect.
+
+I/O is injected (`send`, `clock`, `sleep`, `rand`) so every path is unit-testable with
+scripted answers and no real waiting. The retry loop is our own rather than the `backoff`
+decorator because it must honour Retry-After and a per-request time budget on an
+injectable clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import typing as t
+from dataclasses import dataclass, field
+
+from target_orb import jsonutil
+from target_orb.errors import DeliveryAbortedError, OrbFatalError, OrbRetryExhaustedError
+from target_orb.policy import (
+    Outcome,
+    backoff_delay,
+    classify,
+    orb_error_summary,
+    rejected_keys,
+    retry_after_seconds,
+)
+
+LOGGER = logging.getLogger("target_orb.delivery")
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What came back from Orb."""
+
+    status: int
+    headers: t.Mapping[str, str]
+    body: t.Any  # decoded JSON, or text when the body is not JSON
+
+
+class TransportError(Exception):
+    """No HTTP answer: connect/read timeout, reset, refused. Always 'maybe ingested'."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+SendFn = t.Callable[[bytes, int], Response]
+"""send(body bytes, event count) -> Response; raises TransportError."""
+
+
+@dataclass(slots=True)
+class DeliveryResult:
+    """Per-event outcome of delivering one request's events."""
+
+    accepted: list[int] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    retries: int = 0
+    requests: int = 0
+
+
+class Limiter(t.Protocol):
+    """Client-side rate limiting shared by all requests."""
+
+    def acquire(self, events: int) -> None: ...
+    def penalize(self, seconds: float) -> None: ...
+
+
+class _NoLimit:
+    def acquire(self, events: int) -> None:
+        return None
+
+    def penalize(self, seconds: float) -> None:
+        return None
+
+
+class Deliverer:
+    """Delivers lists of Orb events; thread-safe (no per-call state on self)."""
+
+    def __init__(
+        self,
+        send: SendFn,
+        *,
+        url: str,
+        max_retry_seconds: float,
+        clock: t.Callable[[], float] = time.monotonic,
+        sleep: t.Callable[[float], bool] | None = None,
+        rand: t.Callable[[], float] = random.random,
+        limiter: Limiter | None = None,
+        on_retry: t.Callable[[], None] | None = None,
+    ) -> None:
+        """Wire the deliverer.
+
+        Args:
+            send: Posts one request body.
+            url: The ingest URL, for messages.
+            max_retry_seconds: Time budget for retrying one request.
+            clock: Monotonic seconds.
+            sleep: Waits; returns True when delivery must abort (shutdown).
+            rand: Uniform [0, 1) for jitter.
+            limiter: Shared client-side rate limiter.
+            on_retry: Called once per retry (for counters).
+        """
+        self._send = send
+        self._url = url
+        self._budget = max_retry_seconds
+        self._clock = clock
+        self._sleep = sleep or (lambda s: time.sleep(s) or False)  # type: ignore[func-returns-value]
+        self._rand = rand
+        self._limiter = limiter or _NoLimit()
+        self._on_retry = on_retry
+
+    def deliver(self, events: t.Sequence[dict[str, t.Any]]) -> DeliveryResult:
+        """Deliver events until each is accepted or rejected with a reason.
+
+        Args:
+            events: Orb events with unique idempotency keys.
+
+        Returns:
+            Accepted indexes and rejected (index, reason) pairs.
+
+        Raises:
+            OrbFatalError: 401/403/404: configuration must be fixed.
+            OrbRetryExhaustedError: The retry budget ran out; nothing after it is acknowledged.
+            DeliveryAbortedError: Shutdown was requested while waiting to retry.
+        """
+        result = DeliveryResult()
+        stack: list[list[int]] = [list(range(len(events)))] if events else []
+        while stack:
+            part = stack.pop()
+            response = self._send_with_retries(events, part, result)
+            outcome = classify(response.status)
+            if outcome is Outcome.OK:
+                named = rejected_keys(response.body, [events[i]["idempotency_key"] for i in part])
+                for i in part:
+                    reasons = named.get(events[i]["idempotency_key"])
+                    if reasons:
+                        result.rejected.append((i, self._orb_reason(response, reasons)))
+                    else:
+                        result.accepted.append(i)
+            elif outcome is Outcome.SPLIT:
+                if len(part) == 1:
+                    result.rejected.append(
+                        (part[0], f"Orb answered 413 (request too large) to this event alone: "
+                                  f"{orb_error_summary(response.body)}"),
+                    )
+                else:
+                    LOGGER.warning(
+                        "Orb answered 413 to %d events; splitting the request in half.", len(part)
+                    )
+                    half = len(part) // 2
+                    stack.extend((part[half:], part[:half]))
+            elif outcome is Outcome.FATAL:
+                raise OrbFatalError(self._fatal_message(response, len(part)))
+            else:  # QUARANTINE: 400 and other non-retryable 4xx
+                self._quarantine(events, part, response, result, stack)
+        return result
+
+    def _quarantine(
+        self,
+        events: t.Sequence[dict[str, t.Any]],
+        part: list[int],
+        response: Response,
+        result: DeliveryResult,
+        stack: list[list[int]],
+    ) -> None:
+        named = rejected_keys(response.body, [events[i]["idempotency_key"] for i in part])
+        if named:
+            rest = []
+            for i in part:
+                reasons = named.get(events[i]["idempotency_key"])
+                if reasons:
+                    result.rejected.append((i, self._orb_reason(response, reasons)))
+                else:
+                    rest.append(i)
+            LOGGER.warning(
+                "Orb rejected %d of %d events (HTTP %d); re-sending the other %d unchanged.",
+                len(part) - len(rest), len(part), response.status, len(rest),
+            )
+            if rest:
+                stack.append(rest)
+        elif len(part) == 1:
+            result.rejected.append((part[0], self._orb_reason(response, [])))
+        else:
+            LOGGER.warning(
+                "Orb answered %d naming no event (%s) to %d events; bisecting to isolate the "
+                "bad ones.", response.status, orb_error_summary(response.body, 120), len(part),
+            )
+            half = len(part) // 2
+            stack.extend((part[half:], part[:half]))
+
+    @staticmethod
+    def _orb_reason(response: Response, reasons: list[str]) -> str:
+        detail = "; ".join(reasons) if reasons else orb_error_summary(response.body)
+        return f"Orb rejected the event (HTTP {response.status}): {detail}"
+
+    def _fatal_message(self, response: Response, count: int) -> str:
+        status = response.status
+        hint = {
+            401: "Check `api_key` (TARGET_ORB_API_KEY); test-mode and live keys differ.",
+            403: "The API key is not allowed to ingest events; check its permissions in Orb.",
+            404: "Check `api_url` (TARGET_ORB_API_URL); it should end in /v1, e.g. "
+                 "https://api.withorb.com/v1.",
+        }.get(status, "")
+        return (
+            f"Orb answered HTTP {status} to POST {self._url} "
+            f"({orb_error_summary(response.body, 160)}). {hint} {count} events were not "
+            "delivered and no STATE was written past them; rerun after fixing the setting."
+        )
+
+    def _send_with_retries(
+        self, events: t.Sequence[dict[str, t.Any]], part: list[int], result: DeliveryResult
+    ) -> Response:
+        """Send one request, retrying retryable failures inside the time budget."""
+        body = jsonutil.dumps({"events": [events[i] for i in part]})
+        started = self._clock()
+        attempt = 0
+        while True:
+            self._limiter.acquire(len(part))
+            result.requests += 1
+            try:
+                response = self._send(body, len(part))
+            except TransportError as exc:
+                failure = f"{exc.kind} ({exc.detail})"
+                wait = backoff_delay(attempt, self._rand)
+            else:
+                if classify(response.status) is not Outcome.RETRY:
+                    return response
+                failure = f"HTTP {response.status}"
+                hinted = retry_after_seconds(response.headers)
+                wait = hinted if hinted is not None else backoff_delay(attempt, self._rand)
+                if response.status == 429:
+                    self._limiter.penalize(wait)
+            elapsed = self._clock() - started
+            if elapsed + wait > self._budget:
+                msg = (
+                    f"Orb did not accept {len(part)} events after {attempt + 1} attempts over "
+                    f"{elapsed:.0f} s (last: {failure} from POST {self._url}); the retry budget "
+                    f"`max_retry_seconds` ({self._budget:g} s) is spent. These events are "
+                    "unacknowledged and no STATE was written past them; rerun to resend them "
+                    "under the same idempotency keys."
+                )
+                raise OrbRetryExhaustedError(msg)
+            LOGGER.warning(
+                "Orb request failed: %s for %d events (attempt %d); retrying in %.2f s.",
+                failure, len(part), attempt + 1, wait,
+            )
+            attempt += 1
+            result.retries += 1
+            if self._on_retry is not None:
+                self._on_retry()
+            if self._sleep(wait):
+                msg = "delivery aborted while waiting to retry"
+                raise DeliveryAbortedError(msg)

@@ -1,0 +1,298 @@
+"""Concurrent delivery with a STATE gate: STATE is written only once everything before it settled.
+
+The SDK writes STATE at the end of `drain_all` once every `process_batch` returned. Here
+`process_batch` hands its request to a bounded pool and returns, so reading goes on while
+requests are in flight; in exchange the target routes each STATE through `offer_state`,
+which holds it until every request submitted before it was accepted by Orb or durably
+dead-lettered. Memory stays O(batch size × max_concurrent_requests): `submit` blocks while
+that many requests are in flight.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import queue
+import threading
+import typing as t
+from dataclasses import dataclass
+
+from target_orb import jsonutil
+from target_orb.deadletter import DeadLetterEntry, DeadLetterWriter, entry
+from target_orb.delivery import Deliverer
+from target_orb.errors import DeliveryAbortedError, OrbInvalidEventError
+from target_orb.stats import RunStats
+
+LOGGER = logging.getLogger("target_orb.pipeline")
+
+
+@dataclass(slots=True)
+class _Batch:
+    seq: int
+    stream: str
+    events: list[dict[str, t.Any]]
+    records: list[t.Any]
+
+
+class Pipeline:
+    """Owns the delivery threads, the dead-letter policy and the STATE gate."""
+
+    def __init__(
+        self,
+        *,
+        deliverer: Deliverer | None,
+        dead_letters: DeadLetterWriter,
+        stats: RunStats,
+        invalid_policy: str,
+        max_in_flight: int,
+        state_writer: t.Callable[[dict], None],
+        dry_run: bool = False,
+        ingest_url: str = "",
+        interrupt_main_on_failure: bool = False,
+        progress_interval: float = 0,
+    ) -> None:
+        """Start the delivery threads (none in dry-run mode).
+
+        Args:
+            deliverer: Sends one request's events; None in dry-run mode.
+            dead_letters: The dead-letter writer.
+            stats: Run counters.
+            invalid_policy: `dead_letter`, `skip` or `fail`.
+            max_in_flight: Requests in flight at once.
+            state_writer: Writes one STATE value to stdout.
+            dry_run: Log payloads instead of sending; never write STATE.
+            ingest_url: For dry-run logs.
+            interrupt_main_on_failure: Interrupt the reading thread when delivery fails, so
+                a CLI run stops at once instead of at the next record.
+            progress_interval: Seconds between progress lines; 0 for none.
+        """
+        self._deliverer = deliverer
+        self._dead_letters = dead_letters
+        self._stats = stats
+        self._policy = invalid_policy
+        self._max_in_flight = max(1, max_in_flight)
+        self._state_writer = state_writer
+        self._dry_run = dry_run or deliverer is None
+        self._ingest_url = ingest_url
+        self._interrupt = interrupt_main_on_failure
+        self._cond = threading.Condition()
+        self._abort = threading.Event()
+        self._queue: queue.Queue[_Batch | None] = queue.Queue()
+        self._seq = 0
+        self._in_flight = 0
+        self._unsettled: set[int] = set()
+        self._states: list[tuple[int, dict]] = []
+        self._error: BaseException | None = None
+        self._states_written = 0
+        self._workers: list[threading.Thread] = []
+        if not self._dry_run:
+            for n in range(self._max_in_flight):
+                worker = threading.Thread(target=self._work, name=f"orb-send-{n}", daemon=True)
+                worker.start()
+                self._workers.append(worker)
+        self._progress: threading.Thread | None = None
+        if progress_interval > 0:
+            self._progress = threading.Thread(
+                target=self._report_progress, args=(progress_interval,), name="orb-progress",
+                daemon=True,
+            )
+            self._progress.start()
+
+    # -- reading thread -------------------------------------------------------------
+
+    @property
+    def error(self) -> BaseException | None:
+        """The first delivery failure, if any."""
+        return self._error
+
+    @property
+    def states_written(self) -> int:
+        """How many STATE lines were written."""
+        return self._states_written
+
+    @property
+    def unacknowledged(self) -> int:
+        """Events submitted but not settled."""
+        return self._stats.pending
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait for a retry; True when delivery must stop (shutdown or another failure).
+
+        Args:
+            seconds: How long.
+
+        Returns:
+            Whether to abort.
+        """
+        return self._abort.wait(seconds)
+
+    def raise_if_failed(self) -> None:
+        """Re-raise a delivery failure on the reading thread.
+
+        Raises:
+            BaseException: The first failure seen by a delivery thread.
+        """
+        if self._error is not None:
+            raise self._error
+
+    def reject_local(self, stream: str, items: t.Sequence[DeadLetterEntry]) -> None:
+        """Handle records that could not become events, per `invalid_event_policy`.
+
+        Args:
+            stream: Stream name (for messages).
+            items: Dead-letter lines (source `local`).
+
+        Raises:
+            OrbInvalidEventError: With `invalid_event_policy: fail`.
+        """
+        if not items:
+            return
+        self._apply_policy(stream, items)
+
+    def submit(self, stream: str, events: list[dict[str, t.Any]], records: list[t.Any]) -> None:
+        """Queue one request; blocks while `max_in_flight` requests are in flight.
+
+        Args:
+            stream: Stream name.
+            events: Unique-keyed Orb events (≤ 500).
+            records: The source record of each event, for dead-letter lines.
+        """
+        self.raise_if_failed()
+        if not events:
+            return
+        if self._dry_run:
+            self._stats.events_sent += len(events)
+            LOGGER.info(
+                "DRY RUN: would POST %s with %d events: %s",
+                self._ingest_url, len(events), jsonutil.dumps_str({"events": events}),
+            )
+            return
+        with self._cond:
+            while self._in_flight >= self._max_in_flight and self._error is None:
+                self._cond.wait(0.5)
+            self.raise_if_failed()
+            self._seq += 1
+            seq = self._seq
+            self._in_flight += 1
+            self._unsettled.add(seq)
+            self._stats.pending += len(events)
+            self._stats.events_sent += len(events)
+        self._queue.put(_Batch(seq, stream, events, records))
+
+    def offer_state(self, state: dict) -> None:
+        """Write `state` once every request submitted so far is settled.
+
+        Args:
+            state: The tap's STATE value.
+        """
+        if self._dry_run:
+            LOGGER.info("DRY RUN: STATE not written (a dry run never moves the bookmark).")
+            return
+        with self._cond:
+            if self._error is not None:
+                return
+            self._states.append((self._seq, state))
+            self._emit_ready()
+
+    def wait_all(self) -> None:
+        """Block until every submitted request settled; re-raise a failure."""
+        with self._cond:
+            while self._unsettled and self._error is None:
+                self._cond.wait(0.5)
+        self.raise_if_failed()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the threads; requests still in flight are abandoned (never acknowledged).
+
+        Args:
+            timeout: Seconds to wait for each thread.
+        """
+        self._abort.set()
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join(timeout)
+
+    # -- delivery threads -----------------------------------------------------------
+
+    def _emit_ready(self) -> None:
+        """Write the newest STATE all of whose requests settled (caller holds the lock)."""
+        low = min(self._unsettled) if self._unsettled else None
+        ready = None
+        while self._states and (low is None or self._states[0][0] < low):
+            ready = self._states.pop(0)[1]
+        if ready is not None and self._error is None:
+            self._state_writer(ready)
+            self._states_written += 1
+
+    def _apply_policy(self, stream: str, items: t.Sequence[DeadLetterEntry]) -> None:
+        if self._policy == "fail":
+            first = items[0]
+            msg = (
+                f"Stream '{stream}': {len(items)} record(s) could not be delivered and "
+                f"`invalid_event_policy` is `fail`. First reason ({first['source']}): "
+                f"{first['reason']}. Fix the record or the mapping settings, or set "
+                "`invalid_event_policy: dead_letter` to set such records aside."
+            )
+            raise OrbInvalidEventError(msg)
+        if self._policy == "skip":
+            LOGGER.warning(
+                "Stream '%s': skipped %d record(s) that could not be delivered (first: %s).",
+                stream, len(items), items[0]["reason"],
+            )
+            return
+        self._dead_letters.write(items)
+        with self._stats.lock:
+            self._stats.dead_lettered += len(items)
+        LOGGER.warning(
+            "Stream '%s': dead-lettered %d record(s) to %s (first reason: %s).",
+            stream, len(items), self._dead_letters.path, items[0]["reason"],
+        )
+
+    def _work(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            if self._abort.is_set():
+                continue
+            try:
+                self._deliver(batch)
+            except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+                self._fail(exc)
+
+    def _deliver(self, batch: _Batch) -> None:
+        assert self._deliverer is not None
+        result = self._deliverer.deliver(batch.events)
+        rejected = [
+            entry(batch.stream, batch.records[i], reason, "orb", batch.events[i])
+            for i, reason in result.rejected
+        ]
+        if rejected:
+            self._apply_policy(batch.stream, rejected)
+        with self._cond:
+            stats = self._stats
+            with stats.lock:
+                stats.events_accepted += len(result.accepted)
+                stats.rejected_by_orb += len(result.rejected)
+                stats.requests += result.requests
+                stats.pending -= len(batch.events)
+            self._in_flight -= 1
+            self._unsettled.discard(batch.seq)
+            self._emit_ready()
+            self._cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            first = self._error is None
+            if first:
+                self._error = exc
+            self._in_flight -= 1
+            self._abort.set()
+            self._cond.notify_all()
+        if first and not isinstance(exc, DeliveryAbortedError) and self._interrupt:
+            _thread.interrupt_main()
+
+    def _report_progress(self, interval: float) -> None:
+        while not self._abort.wait(interval):
+            LOGGER.info(self._stats.progress_line())

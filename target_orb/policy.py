@@ -1,0 +1,166 @@
+"""Pure response policy: what an Orb answer means, how long to wait, which events Orb named."""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import time
+import typing as t
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429})  # plus every 5xx (reference/orb-api.md §2.4)
+FATAL_STATUSES = frozenset({401, 403, 404})
+MAX_BACKOFF_SECONDS = 30.0
+
+
+class Outcome(enum.Enum):
+    """What to do with a response."""
+
+    OK = "ok"
+    RETRY = "retry"
+    SPLIT = "split"  # 413: halve the request
+    QUARANTINE = "quarantine"  # 400 and other 4xx: dead-letter named/isolated events
+    FATAL = "fatal"
+
+
+def classify(status: int) -> Outcome:
+    """Map an HTTP status to an outcome.
+
+    Args:
+        status: HTTP status code.
+
+    Returns:
+        The outcome.
+    """
+    if 200 <= status < 300:
+        return Outcome.OK
+    if status in RETRYABLE_STATUSES or status >= 500:
+        return Outcome.RETRY
+    if status == 413:
+        return Outcome.SPLIT
+    if status in FATAL_STATUSES:
+        return Outcome.FATAL
+    return Outcome.QUARANTINE
+
+
+def retry_after_seconds(
+    headers: t.Mapping[str, str], *, now: float | None = None
+) -> float | None:
+    """Read `retry-after-ms`, then `Retry-After` (seconds or an HTTP date).
+
+    Args:
+        headers: Response headers (case-insensitive mapping, or lower-case keys).
+        now: Current epoch seconds, for HTTP dates (injected in tests).
+
+    Returns:
+        Seconds to wait, or None when no usable header is present.
+    """
+    lower = {k.lower(): v for k, v in headers.items()}
+    raw_ms = lower.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            value = float(raw_ms) / 1000.0
+        except ValueError:
+            value = -1.0
+        if value >= 0:
+            return value
+    raw = lower.get("retry-after")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+def backoff_delay(attempt: int, rand: t.Callable[[], float]) -> float:
+    """Exponential backoff with full jitter: uniform in [0.5·cap, cap], cap = min(30, 0.5·2^n).
+
+    Half the cap is kept as a floor so retries never collapse into a busy loop.
+
+    Args:
+        attempt: Retries so far (0 for the first retry).
+        rand: Returns a float in [0, 1).
+
+    Returns:
+        Seconds to wait.
+    """
+    cap = min(MAX_BACKOFF_SECONDS, 0.5 * (2**attempt))
+    return cap * (0.5 + 0.5 * rand())
+
+
+def orb_error_summary(body: t.Any, limit: int = 300) -> str:
+    """A one-line summary of an Orb error body: type suffix, title, detail (truncated).
+
+    Args:
+        body: Decoded JSON body, or raw text.
+        limit: Maximum length.
+
+    Returns:
+        Text for logs and dead-letter reasons.
+    """
+    if isinstance(body, t.Mapping):
+        parts = []
+        kind = body.get("type")
+        if isinstance(kind, str):
+            parts.append(kind.rsplit("#", 1)[-1])
+        for name in ("title", "detail"):
+            value = body.get(name)
+            if isinstance(value, str) and value:
+                parts.append(value)
+        text = ": ".join(parts) if parts else str(body)
+    else:
+        text = str(body)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def rejected_keys(body: t.Any, keys: t.Collection[str]) -> dict[str, list[str]]:
+    """The events Orb named in a 400 (or a 200's `validation_failed`), with Orb's reasons.
+
+    Items may be objects `{idempotency_key, validation_errors}` or plain strings that
+    mention a key (reference/orb-api.md §2.3); only keys of this request count.
+
+    Args:
+        body: Decoded JSON response body.
+        keys: The idempotency keys in the request.
+
+    Returns:
+        key → reasons. Empty when the body names no key of this request.
+    """
+    if not isinstance(body, t.Mapping):
+        return {}
+    items: list[t.Any] = []
+    for field in ("validation_errors", "validation_failed"):
+        value = body.get(field)
+        if isinstance(value, list):
+            items.extend(value)
+    known = set(keys)
+    found: dict[str, list[str]] = {}
+    by_length = None
+    for item in items:
+        if isinstance(item, t.Mapping):
+            key = item.get("idempotency_key")
+            if isinstance(key, str) and key in known:
+                reasons = item.get("validation_errors")
+                if isinstance(reasons, str):
+                    reasons = [reasons]
+                elif not isinstance(reasons, list) or not reasons:
+                    reasons = [orb_error_summary(body)]
+                found.setdefault(key, []).extend(str(r) for r in reasons)
+        elif isinstance(item, str):
+            if by_length is None:
+                by_length = sorted(known, key=len, reverse=True)
+            for key in by_length:
+                if key and key in item:
+                    found.setdefault(key, []).append(item)
+                    break
+    return found

@@ -1,0 +1,113 @@
+"""Run counters, the progress line and the end-of-run summary."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import typing as t
+
+
+class RunStats:
+    """Counters for one run. Read-path counters are touched only by the reading thread;
+    delivery counters are updated under a lock by the delivery threads."""
+
+    def __init__(self, clock: t.Callable[[], float] = time.monotonic) -> None:
+        """Start the clock.
+
+        Args:
+            clock: Monotonic seconds.
+        """
+        self._clock = clock
+        self.started = clock()
+        self.lock = threading.Lock()
+        self.records_read = 0
+        self.skipped: collections.Counter[str] = collections.Counter()
+        self.invalid: collections.Counter[str] = collections.Counter()
+        self.keys_derived = 0
+        self.duplicates_collapsed = 0
+        self.events_sent = 0
+        self.events_accepted = 0
+        self.rejected_by_orb = 0
+        self.dead_lettered = 0
+        self.retries = 0
+        self.requests = 0
+        self.pending = 0
+
+    def add_retry(self) -> None:
+        """Count one retry (called from delivery threads)."""
+        with self.lock:
+            self.retries += 1
+
+    def progress_line(self) -> str:
+        """One line for the periodic progress log.
+
+        Returns:
+            The text.
+        """
+        elapsed = max(self._clock() - self.started, 1e-9)
+        return (
+            f"Progress: {self.records_read} records read, {self.events_accepted} events "
+            f"accepted ({self.events_accepted / elapsed:.0f}/s), {self.pending} pending, "
+            f"{self.retries} retries, {self.dead_lettered} dead-lettered."
+        )
+
+    def as_dict(self) -> dict[str, t.Any]:
+        """Structured metrics for the summary.
+
+        Returns:
+            Counters by name.
+        """
+        return {
+            "records_read": self.records_read,
+            "events_sent": self.events_sent,
+            "events_accepted": self.events_accepted,
+            "duplicates_collapsed": self.duplicates_collapsed,
+            "skipped": dict(self.skipped),
+            "invalid": dict(self.invalid),
+            "rejected_by_orb": self.rejected_by_orb,
+            "dead_lettered": self.dead_lettered,
+            "keys_derived": self.keys_derived,
+            "requests": self.requests,
+            "retries": self.retries,
+            "seconds": round(self._clock() - self.started, 3),
+        }
+
+    def summary(self, *, dead_letter_path: str | None, dry_run: bool, failed: bool) -> str:
+        """The end-of-run block for stderr.
+
+        Args:
+            dead_letter_path: Shown when dead letters were written.
+            dry_run: Mark the summary as a dry run.
+            failed: Mark the summary as the summary of a failed run.
+
+        Returns:
+            Multi-line text.
+        """
+        def by_reason(counter: collections.Counter[str]) -> str:
+            if not counter:
+                return "0"
+            items = ", ".join(f"{k}: {v}" for k, v in sorted(counter.items()))
+            return f"{sum(counter.values())} ({items})"
+
+        head = "target-orb summary"
+        if dry_run:
+            head += " (DRY RUN: nothing was sent, no STATE written)"
+        if failed:
+            head += " (RUN FAILED: see the error above)"
+        lines = [
+            head,
+            f"  records read:          {self.records_read}",
+            f"  events sent:           {self.events_sent}",
+            f"  events accepted:       {self.events_accepted}",
+            f"  duplicates collapsed:  {self.duplicates_collapsed}",
+            f"  skipped:               {by_reason(self.skipped)}",
+            f"  invalid:               {by_reason(self.invalid)}",
+            f"  rejected by Orb:       {self.rejected_by_orb}",
+            f"  requests / retries:    {self.requests} / {self.retries}",
+        ]
+        if self.keys_derived:
+            lines.append(f"  keys derived (no key): {self.keys_derived}")
+        if self.dead_lettered and dead_letter_path:
+            lines.append(f"  dead-lettered:         {self.dead_lettered} -> {dead_letter_path}")
+        return "\n".join(lines)

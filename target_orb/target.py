@@ -1,0 +1,292 @@
+"""TargetOrb: settings and wiring, the STATE gate hook, signals, and the end-of-run summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import typing as t
+
+from singer_sdk import Target
+from singer_sdk.contrib.msgspec import MsgSpecReader
+from singer_sdk.exceptions import ConfigValidationError
+from singer_sdk.helpers.capabilities import PluginCapabilities, TargetCapabilities
+from singer_sdk.plugin_base import _ConfigInput
+from typing_extensions import override
+
+from target_orb import jsonutil
+from target_orb.client import OrbClient
+from target_orb.deadletter import DeadLetterWriter
+from target_orb.delivery import Deliverer
+from target_orb.errors import (
+    DeliveryAbortedError,
+    OrbFatalError,
+    OrbInvalidEventError,
+    OrbRetryExhaustedError,
+    TerminatedError,
+)
+from target_orb.pipeline import Pipeline
+from target_orb.ratelimit import RateLimiter
+from target_orb.settings import (
+    CONFIG_SCHEMA,
+    build_delivery_settings,
+    build_mapping_spec,
+    config_problems,
+)
+from target_orb.sinks import OrbSink
+from target_orb.stats import RunStats
+
+if t.TYPE_CHECKING:
+    from types import FrameType
+
+
+_EXPECTED_ERRORS = (OrbFatalError, OrbRetryExhaustedError, OrbInvalidEventError)
+
+
+class _Runtime:
+    """What all sinks share: the mapping spec, counters, the pipeline and the client."""
+
+    def __init__(self, target: TargetOrb) -> None:
+        config = target.config
+        self.spec = build_mapping_spec(config)
+        self.settings = build_delivery_settings(config)
+        self.stats = RunStats()
+        self.logger = target.logger
+        self.dead_letters = DeadLetterWriter(self.settings.dead_letter_path)
+        self.client: OrbClient | None = None
+        self._started = False
+        self._derived_warned = False
+        deliverer = None
+        s = self.settings
+        if not s.dry_run:
+            self.client = OrbClient(
+                s.api_url, config["api_key"], timeout=s.request_timeout,
+                pool_size=s.max_concurrent_requests,
+            )
+            limiter = RateLimiter(
+                requests_per_second=s.max_requests_per_second,
+                events_per_minute=s.max_events_per_minute,
+            )
+            deliverer = Deliverer(
+                self.client.post_ingest,
+                url=self.client.ingest_url,
+                max_retry_seconds=s.max_retry_seconds,
+                sleep=lambda seconds: self.pipeline.sleep(seconds),
+                limiter=limiter,
+                on_retry=self.stats.add_retry,
+            )
+        self.pipeline = Pipeline(
+            deliverer=deliverer,
+            dead_letters=self.dead_letters,
+            stats=self.stats,
+            invalid_policy=s.invalid_event_policy,
+            max_in_flight=s.max_concurrent_requests,
+            state_writer=target.write_state_line,
+            dry_run=s.dry_run,
+            ingest_url=f"{s.api_url}/ingest",
+            interrupt_main_on_failure=target.is_cli_run,
+            progress_interval=s.progress_interval_seconds,
+        )
+
+    def ensure_started(self) -> None:
+        """Ping Orb once (never in dry-run mode)."""
+        if self._started:
+            return
+        self._started = True
+        if self.client is not None:
+            self.client.ping()
+        else:
+            self.logger.info("DRY RUN: no request will be made to Orb (no ping, no ingest).")
+
+    def note_derived_key(self, stream: str) -> None:
+        self.stats.keys_derived += 1
+        if not self._derived_warned:
+            self._derived_warned = True
+            self.logger.warning(
+                "Stream '%s': a record has no idempotency key at `%s`; sending a "
+                "deterministic sha256 of (stream, customer, event, timestamp, properties) "
+                "instead. Identical events without a key will count once.",
+                stream, self.spec.idempotency_key_field,
+            )
+
+    def summary(self, *, failed: bool) -> None:
+        text = self.stats.summary(
+            dead_letter_path=self.dead_letters.path,
+            dry_run=self.settings.dry_run,
+            failed=failed,
+        )
+        self.logger.info(text)
+        self.logger.info("target-orb metrics: %s", jsonutil.dumps_str(self.stats.as_dict()))
+
+    def shutdown(self) -> None:
+        self.pipeline.close()
+        if self.client is not None:
+            self.client.close()
+
+
+class TargetOrb(Target):
+    """Singer target that sends Segment-shaped Track events to Orb's usage-event ingestion."""
+
+    name = "target-orb"
+    package_name = "target-orb"
+    config_jsonschema = CONFIG_SCHEMA
+    default_sink_class = OrbSink
+    message_reader_class = MsgSpecReader
+    # No `schema-flattening`: it would turn `properties.x` into `properties__x` keys.
+    capabilities: t.ClassVar[list] = [  # type: ignore[misc]
+        PluginCapabilities.ABOUT,
+        PluginCapabilities.STREAM_MAPS,
+        PluginCapabilities.STRUCTURED_LOGGING,
+        TargetCapabilities.VALIDATE_RECORDS,
+    ]
+    # The SDK drains every sink (and so offers STATE) this often while records arrive.
+    # STATE itself is written as soon as Orb acknowledged what precedes it.
+    _MAX_RECORD_AGE_IN_MINUTES = 1.0
+    is_cli_run = False
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        """Validate the config, then build the shared runtime.
+
+        Args:
+            args: Passed to the SDK.
+            kwargs: Passed to the SDK.
+        """
+        self._stdout_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+        # process_batch only queues work, so parallel drains would add nothing.
+        self.max_parallelism = 1
+        self.runtime = _Runtime(self)
+
+    @override
+    def _validate_config(self, *, raise_errors: bool = True) -> list[str]:
+        """Schema errors and cross-field problems, reported together in one error."""
+        errors = super()._validate_config(raise_errors=False)
+        errors += config_problems(self._config)
+        if errors and raise_errors:
+            raise ConfigValidationError(
+                "Config validation failed", errors=errors, schema=self.config_jsonschema
+            )
+        return errors
+
+    def write_state_line(self, state: dict) -> None:
+        """Write one STATE line (Decimal-safe, unlike the SDK's json.dumps: sdk#3787).
+
+        Args:
+            state: The STATE value.
+        """
+        line = jsonutil.dumps_lenient(state)
+        with self._stdout_lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    @override
+    def _write_state_message(self, state: dict) -> None:
+        # drain_all calls this after queueing every sink's batch: hold it until acked.
+        self.runtime.pipeline.offer_state(state)
+
+    @override
+    def _process_record_message(self, message_dict: dict) -> None:
+        self.runtime.pipeline.raise_if_failed()
+        super()._process_record_message(message_dict)
+
+    @override
+    def _process_schema_message(self, message_dict: dict) -> None:
+        self.runtime.ensure_started()
+        super()._process_schema_message(message_dict)
+
+    @override
+    def process_endofpipe(self) -> None:
+        super().process_endofpipe()
+        self.runtime.pipeline.wait_all()
+
+    @override
+    def _handle_termination(self, signum: int, frame: FrameType | None) -> None:
+        """Stop reading at once; never acknowledge a batch that is still in flight (sdk#3775).
+
+        The SDK's handler drains and exits 0, which can emit STATE for an unfinished
+        batch or hide a failure. Here a delivery failure is re-raised, and a real signal
+        becomes TerminatedError; STATE already written covers only settled requests.
+        """
+        runtime = getattr(self, "runtime", None)
+        if runtime is not None and runtime.pipeline.error is not None:
+            raise runtime.pipeline.error
+        raise TerminatedError(signum)
+
+    @classmethod
+    @override
+    def invoke(  # type: ignore[override]
+        cls,
+        *,
+        about: bool = False,
+        about_format: str | None = None,
+        config: _ConfigInput | None = None,
+        file_input: t.IO[str] | None = None,
+    ) -> None:
+        """Run the target from the CLI with clear errors and exit codes.
+
+        Exit codes: 0 success; 1 a delivery, configuration or data error (message logged,
+        no traceback); 128+N after signal N.
+        """
+        if about:
+            cls.print_about(about_format)
+            sys.exit(0)
+        cls.is_cli_run = True
+        target: TargetOrb | None = None
+        failed = True
+        try:
+            config = config or _ConfigInput()
+            cls.print_version(print_fn=cls.logger.info)
+            target = cls(
+                config=config.config, validate_config=True, parse_env_config=config.parse_env
+            )
+            target.runtime.ensure_started()
+            target.listen(file_input)
+            failed = False
+        except _EXPECTED_ERRORS as exc:
+            cls._fail(target, str(exc))
+        except DeliveryAbortedError:
+            cls._fail(target, "delivery was aborted")
+        except TerminatedError as exc:
+            cls._terminated(target, exc.signum)
+        except KeyboardInterrupt:
+            cls._terminated(target, signal.SIGINT)
+        except OSError as exc:
+            cls._fail(target, f"I/O error: {exc}. Check `dead_letter_path` and disk space.")
+        finally:
+            if target is not None:
+                target.runtime.summary(failed=failed)
+                target.runtime.shutdown()
+
+    @classmethod
+    def _fail(cls, target: TargetOrb | None, message: str) -> t.NoReturn:
+        pending = target.runtime.pipeline.unacknowledged if target else 0
+        cls.logger.error("target-orb failed: %s", message)
+        if pending:
+            cls.logger.error(
+                "%d events were in flight and are unacknowledged; no STATE covers them. A "
+                "rerun resends them under the same idempotency keys (Orb deduplicates).",
+                pending,
+            )
+        if target is not None:
+            target.runtime.summary(failed=True)
+            target.runtime.shutdown()
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(1)
+
+    @classmethod
+    def _terminated(cls, target: TargetOrb | None, signum: int) -> t.NoReturn:
+        pending = target.runtime.pipeline.unacknowledged if target else 0
+        cls.logger.error(
+            "Stopped by signal %d. %d events in flight were not acknowledged and no STATE "
+            "covers them or anything after them; rerun to resend (same idempotency keys).",
+            signum, pending,
+        )
+        if target is not None:
+            target.runtime.summary(failed=True)
+            target.runtime.shutdown()
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(128 + int(signum))
