@@ -1,0 +1,1249 @@
+"""A strict, local stand-in for Orb's event-ingestion API (``POST /v1/ingest``).
+
+It is meant for tests, benchmarks and manual runs of ``target-orb`` without a
+real Orb account. It validates requests *independently* of the target: it
+imports only the standard library and ``jsonschema`` and never any other
+``target_orb`` module, so a bug in the target's own payload code cannot hide
+behind a shared helper.
+
+What it checks on ``POST /v1/ingest`` (in this order):
+
+1. ``Authorization: Bearer <api_key>`` (401 ``401-authentication-error``).
+2. A scripted fault, if one is queued (see :meth:`FakeOrb.script`).
+3. Body size against ``max_body_bytes`` (413 ``413-request-too-large``).
+4. Query parameters (only ``backfill_id`` is allowed), ``Content-Type``
+   (``application/json``), and JSON syntax (400).
+5. At most ``max_events_per_request`` events (400, whole request).
+6. The persistent ``set_413_if_events_over`` rule (413).
+7. Unless ``accept_all``: the vendored ``IngestRequestBody`` schema (Draft
+   2020-12, ``date-time`` format checked), then the rules Orb's spec states only
+   in prose: exactly one non-empty customer field, flat ``properties`` (string,
+   boolean, int64, finite float), a UTC timestamp with a trailing ``Z`` inside
+   ``[now - grace period, now + future tolerance]``, non-empty
+   ``idempotency_key`` and ``event_name``, and no two events in one request
+   sharing a key with different bodies (the whole request is rejected).
+8. The persistent ``set_bad_keys`` rule (400 naming those keys).
+
+Accepted events are stored per idempotency key; the first body ever stored
+for a key wins and later sends of that key are counted as duplicates.
+
+Run it from a shell with ``python -m target_orb.fake_orb --help`` (or the
+``fake-orb`` console script); ``fake-orb -- COMMAND ...`` runs COMMAND against a
+fresh stand-in with ``TARGET_ORB_API_URL`` / ``TARGET_ORB_API_KEY`` set and
+prints what landed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import gzip
+import importlib.resources
+import ipaddress
+import json
+import math
+import os
+import re
+import signal
+import socket
+import socketserver
+import struct
+import subprocess
+import sys
+import threading
+import traceback
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import jsonschema
+
+__all__ = ["ERROR_TYPE_BASE", "FakeOrb", "main"]
+
+ERROR_TYPE_BASE = "https://docs.withorb.com/reference/error-responses#"
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+#: Upper bound for a scripted ``hang`` so a typo can never wedge a test run.
+MAX_HANG_SECONDS = 600.0
+_DRAIN_CHUNK = 64 * 1024
+
+# (type suffix, title) per HTTP status for default error bodies. The 400-429/500
+# suffixes are Orb's (orb-api.md §1.1); 403/408/502/503 have no Orb type, so
+# these suffixes are made up in the same style.
+_DEFAULT_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("400-constraint-violation", "Constraint violation"),
+    401: ("401-authentication-error", "Authentication error"),
+    403: ("403-forbidden", "Forbidden"),
+    404: ("404-url-not-found", "URL not found"),
+    408: ("408-request-timeout", "Request timeout"),
+    409: ("409-resource-conflict", "Resource conflict"),
+    413: ("413-request-too-large", "Request too large"),
+    429: ("429-too-many-requests", "Too many requests"),
+    500: ("500-internal-server-error", "Internal server error"),
+    502: ("502-bad-gateway", "Bad gateway"),
+    503: ("503-service-unavailable", "Service unavailable"),
+}
+_VALIDATION_TYPE = "400-request-validation-errors"
+_VALIDATION_TITLE = "Request validation failed"
+
+_FAULT_KEYS = {
+    "status",
+    "headers",
+    "body",
+    "store_first",
+    "bad_keys",
+    "bad_keys_as_strings",
+    "type",
+    "action",
+    "seconds",
+}
+
+# RFC 3339 date-time (used for the JSON-schema "date-time" format).
+_RFC3339_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+)
+# What Orb documents for ingest: UTC, "no timezone offset", trailing Z.
+_ORB_TS_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?Z$")
+_OFFSET_RE = re.compile(r"T.*[+-]\d{2}(:?\d{2})?$")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def error_body(status: int, type_suffix: str | None = None, **extra: Any) -> dict[str, Any]:
+    """An RFC-7807 error body shaped like Orb's (orb-api.md §1.1)."""
+    default_suffix, default_title = _DEFAULT_ERRORS.get(status, (f"{status}-error", "Error"))
+    suffix = type_suffix or default_suffix
+    body: dict[str, Any] = {
+        "type": suffix if suffix.startswith("http") else ERROR_TYPE_BASE + suffix,
+        "status": status,
+        "title": default_title,
+        "detail": default_title,
+    }
+    body.update(extra)
+    return body
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _check_rfc3339(value: object) -> bool:
+    if not isinstance(value, str):
+        return True  # formats only constrain strings
+    m = _RFC3339_RE.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not an RFC 3339 date-time")
+    year, month, day, hour, minute, sec = (int(g) for g in m.groups()[:6])
+    # datetime() validates calendar ranges; RFC 3339 allows a leap second 60.
+    datetime(year, month, day, hour, minute, min(sec, 59))
+    return True
+
+
+_SCHEMA_LOCK = threading.Lock()
+_SCHEMA_VALIDATOR: jsonschema.Draft202012Validator | None = None
+
+
+def load_schema() -> dict[str, Any]:
+    """The vendored ``IngestRequestBody`` JSON schema."""
+    res = importlib.resources.files("target_orb") / "data" / "ingest_request_body.schema.json"
+    return json.loads(res.read_text(encoding="utf-8"))
+
+
+def _validator() -> jsonschema.Draft202012Validator:
+    global _SCHEMA_VALIDATOR  # noqa: PLW0603 - lazily built module singleton
+    with _SCHEMA_LOCK:
+        if _SCHEMA_VALIDATOR is None:
+            schema = load_schema()
+            jsonschema.Draft202012Validator.check_schema(schema)
+            checker = jsonschema.FormatChecker(formats=())
+            # jsonschema's own date-time checker needs an optional package
+            # (rfc3339-validator) and silently passes without it: register ours.
+            checker.checks("date-time", raises=ValueError)(_check_rfc3339)
+            _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(schema, format_checker=checker)
+        return _SCHEMA_VALIDATOR
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _DuplicateJSONKeyError(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateJSONKeyError(f"duplicate JSON object key {k!r}")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _property_problem(value: Any) -> str | None:
+    if isinstance(value, bool | str):
+        return None
+    if isinstance(value, int):
+        if INT64_MIN <= value <= INT64_MAX:
+            return None
+        return "integer is outside the int64 range [-2**63, 2**63-1]"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "number must be finite"
+    if value is None:
+        return "null is not allowed (values must be string, number or boolean)"
+    if isinstance(value, list):
+        return "arrays are not allowed (values must be string, number or boolean)"
+    if isinstance(value, dict):
+        return "nested objects are not allowed (values must be string, number or boolean)"
+    return f"unsupported value type {type(value).__name__}"
+
+
+def _normalize_fault(fault: Any) -> dict[str, Any]:
+    """Validate a scripted fault and give it a ``name`` (raises ValueError)."""
+    if not isinstance(fault, dict):
+        raise ValueError(f"a fault must be a dict, got {fault!r}")
+    unknown = set(fault) - _FAULT_KEYS
+    if unknown:
+        raise ValueError(f"unknown fault keys {sorted(unknown)} in {fault!r}")
+    out = dict(fault)
+    store_first = bool(out.get("store_first", False))
+    out["store_first"] = store_first
+    suffix = "+store_first" if store_first else ""
+    if "action" in out:
+        action = out["action"]
+        if action not in ("hang", "reset"):
+            raise ValueError(f"unknown fault action {action!r} (use 'hang' or 'reset')")
+        if "status" in out:
+            raise ValueError("a fault has either 'action' or 'status', not both")
+        if action == "hang":
+            seconds = out.get("seconds", 5)
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+                raise ValueError(f"hang seconds must be a non-negative number, got {seconds!r}")
+            out["seconds"] = min(float(seconds), MAX_HANG_SECONDS)
+        out["name"] = action + suffix
+        return out
+    status = out.get("status")
+    if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+        raise ValueError(f"fault status must be an int in 400..599, got {status!r}")
+    headers = out.get("headers") or {}
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | int | float) for k, v in headers.items()
+    ):
+        raise ValueError(f"fault headers must be a dict of str -> str, got {headers!r}")
+    out["headers"] = {k: str(v) for k, v in headers.items()}
+    if "body" in out and not isinstance(out["body"], dict | list | str):
+        raise ValueError("fault body must be a dict, a list or a str")
+    name = str(status)
+    if "bad_keys" in out:
+        if status != 400:
+            raise ValueError("bad_keys is only supported with status 400")
+        bad = out["bad_keys"]
+        if isinstance(bad, list | tuple):
+            bad = {k: ["scripted validation failure"] for k in bad}
+        if not isinstance(bad, dict) or not bad:
+            raise ValueError("bad_keys must be a non-empty dict of key -> [reason, ...]")
+        out["bad_keys"] = {
+            str(k): [v] if isinstance(v, str) else [str(x) for x in v] for k, v in bad.items()
+        }
+        name += ":bad_keys" + (":as_strings" if out.get("bad_keys_as_strings") else "")
+    if "type" in out:
+        if not isinstance(out["type"], str) or not out["type"]:
+            raise ValueError("fault type must be a non-empty string")
+        t = out["type"]
+        if not t.startswith("http") and not t.startswith(f"{status}-"):
+            t = f"{status}-{t}"
+        out["type"] = t
+        name += ":" + t.rsplit("#", 1)[-1]
+    out["name"] = name + suffix
+    return out
+
+
+# --------------------------------------------------------------------------- internal types
+
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    query: str
+    headers: Any  # email.message.Message
+    body: bytes | None  # None when the body was drained for being too large
+    body_len: int
+
+
+@dataclass
+class _Outcome:
+    status: int | None = 200
+    body: Any = None  # dict/list -> JSON; str -> text; None -> empty
+    headers: dict[str, str] = field(default_factory=dict)
+    action: str | None = None  # None | "hang" | "reset"
+    seconds: float = 0.0
+    delay: bool = False  # apply latency_ms before answering
+
+
+@dataclass
+class _Parsed:
+    body: Any = None
+    error: str | None = None
+    events: list[Any] | None = None
+
+
+@dataclass
+class _Validation:
+    key_errors: dict[str, list[str]] = field(default_factory=dict)
+    plain_errors: list[str] = field(default_factory=list)
+    request_level: bool = False  # the whole request is rejected, store nothing
+    valid_events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.key_errors or self.plain_errors)
+
+
+# --------------------------------------------------------------------------- HTTP layer
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], family: int, fake: FakeOrb) -> None:
+        self.address_family = family
+        self.fake = fake
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind calls socket.getfqdn(), which can block on DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        # Without this, keep-alive request/response pairs stall ~40 ms on
+        # Nagle + delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._conns_lock:
+            self._conns.add(sock)
+        return sock, addr
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # the client went away, or stop() shut the socket: not news
+        super().handle_error(request, client_address)
+
+    def close_connections(self) -> None:
+        with self._conns_lock:
+            conns = list(self._conns)
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "fake-orb/1"
+    sys_version = ""
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # quiet: tests and the CLI summary say what happened
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    # ------------------------------------------------------------------
+
+    def _read_body(self, limit: int | None) -> tuple[bytes | None, int]:
+        """Read the whole request body (always, to keep the connection in sync).
+
+        Returns (body or None when it exceeded ``limit``, length on the wire).
+        """
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            total = 0
+            while True:
+                size_line = self.rfile.readline(65537)
+                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    break
+                chunk = self.rfile.read(size)
+                self.rfile.readline(65537)
+                total += len(chunk)
+                if limit is None or total <= limit:
+                    chunks.append(chunk)
+            if limit is not None and total > limit:
+                return None, total
+            return b"".join(chunks), total
+        length = int(self.headers.get("Content-Length") or 0)
+        if length < 0:
+            raise ValueError("negative Content-Length")
+        if limit is not None and length > limit:
+            remaining = length
+            while remaining > 0:
+                got = self.rfile.read(min(_DRAIN_CHUNK, remaining))
+                if not got:
+                    break
+                remaining -= len(got)
+            return None, length
+        return self.rfile.read(length) if length else b"", length
+
+    def _dispatch(self) -> None:
+        fake = self.server.fake
+        try:
+            body, body_len = self._read_body(fake.max_body_bytes)
+        except ValueError:
+            self.close_connection = True
+            self._write(_Outcome(400, error_body(400, detail="malformed request body framing")))
+            return
+        split = urlsplit(self.path)
+        req = _Request(self.command, split.path, split.query, self.headers, body, body_len)
+        try:
+            outcome = fake._process(req)
+        except Exception as exc:
+            traceback.print_exc()
+            outcome = _Outcome(500, error_body(500, detail=f"fake-orb internal error: {exc!r}"))
+        if outcome.delay and fake.latency_ms > 0:
+            fake._stopping.wait(fake.latency_ms / 1000.0)
+        if outcome.action == "hang":
+            fake._stopping.wait(outcome.seconds)
+            self.close_connection = True  # the server closes without answering
+            return
+        if outcome.action == "reset":
+            self._reset_connection()
+            return
+        self._write(outcome)
+
+    def _reset_connection(self) -> None:
+        self.close_connection = True
+        sock = self.connection
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # The fd is really closed (with RST, thanks to SO_LINGER 0) once the
+        # buffered reader made by makefile() is closed too.
+        with contextlib.suppress(OSError):
+            self.rfile.close()
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    def _write(self, outcome: _Outcome) -> None:
+        body = outcome.body
+        if body is None:
+            payload, ctype = b"", "application/json"
+        elif isinstance(body, str):
+            payload, ctype = body.encode("utf-8"), "text/plain; charset=utf-8"
+        else:
+            payload, ctype = json.dumps(body).encode("utf-8"), "application/json"
+        assert outcome.status is not None
+        self.send_response(outcome.status)
+        lower = {k.lower() for k in outcome.headers}
+        if "content-type" not in lower:
+            self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(payload)))
+        for k, v in outcome.headers.items():
+            if k.lower() != "content-length":
+                self.send_header(k, v)
+        # Headers and body in one write.
+        self._headers_buffer.append(b"\r\n")  # type: ignore[attr-defined]
+        if self.command != "HEAD":
+            self._headers_buffer.append(payload)  # type: ignore[attr-defined]
+        self.flush_headers()
+
+
+# --------------------------------------------------------------------------- FakeOrb
+
+
+class FakeOrb:
+    """A strict local Orb ``/v1/ingest`` + ``/v1/ping`` with fault injection.
+
+    ``with FakeOrb() as orb: ...`` starts it on a free loopback port; ``orb.url``
+    is the API base (``http://127.0.0.1:PORT/v1``).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str = "test-orb-key",
+        grace_period_hours: float = 12,
+        future_tolerance_seconds: float = 300,
+        latency_ms: float = 0,
+        accept_all: bool = False,
+        max_body_bytes: int | None = None,
+        max_events_per_request: int = 500,
+        store_valid_on_400: bool = False,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        bind_host, family = self._loopback(host)
+        self.host = bind_host
+        self.api_key = api_key
+        self.grace_period_hours = grace_period_hours
+        self.future_tolerance_seconds = future_tolerance_seconds
+        self.latency_ms = latency_ms
+        self.accept_all = accept_all
+        self.max_body_bytes = max_body_bytes
+        self.max_events_per_request = max_events_per_request
+        self.store_valid_on_400 = store_valid_on_400
+        self.clock: Callable[[], datetime] = clock or _utcnow
+
+        self.lock = threading.RLock()
+        self.landed: dict[str, dict[str, Any]] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.key_send_counts: collections.Counter[str] = collections.Counter()
+        self.duplicates = 0
+        self.fail_keys: dict[str, str] = {}
+        self.events_over_413: int | None = None
+        self._script: collections.deque[dict[str, Any]] = collections.deque()
+
+        if not accept_all:
+            _validator()  # fail fast if the vendored schema is missing or broken
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._server = _Server((bind_host, port), family, self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @staticmethod
+    def _loopback(host: str) -> tuple[str, int]:
+        if host == "localhost":
+            return "127.0.0.1", socket.AF_INET
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"FakeOrb binds only to a loopback IP address, not {host!r}") from None
+        if not addr.is_loopback:
+            raise ValueError(f"FakeOrb binds only to loopback, refusing {host!r}")
+        return str(addr), socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+
+    def start(self) -> FakeOrb:
+        """Serve in a daemon thread. Returns self."""
+        if self._stopped:
+            raise RuntimeError("this FakeOrb was stopped; create a new one")
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"fake-orb:{self.port}",
+                daemon=True,
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close every connection. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()  # wakes hanging / latency-sleeping handlers
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+        self._server.close_connections()
+        self._server.server_close()
+
+    def __enter__(self) -> FakeOrb:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def root_url(self) -> str:
+        """``http://127.0.0.1:PORT`` (the control API lives under ``/_fake/``)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The Orb API base URL, ``http://127.0.0.1:PORT/v1``."""
+        return self.root_url + "/v1"
+
+    # ------------------------------------------------------------------ state / control
+
+    def events(self) -> list[dict[str, Any]]:
+        """Landed event bodies in landing order."""
+        with self.lock:
+            return list(self.landed.values())
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "landed": len(self.landed),
+                "requests": len(self.requests),
+                "duplicates": self.duplicates,
+                "key_send_counts": dict(self.key_send_counts),
+            }
+
+    def reset(self) -> None:
+        """Forget everything: landed events, requests, counters, script and rules."""
+        with self.lock:
+            self.landed.clear()
+            self.requests.clear()
+            self.key_send_counts.clear()
+            self.duplicates = 0
+            self.fail_keys = {}
+            self.events_over_413 = None
+            self._script.clear()
+
+    def script(self, *faults: dict[str, Any]) -> None:
+        """Queue faults, consumed one per authorised ``POST /v1/ingest`` (FIFO)."""
+        normalized = [_normalize_fault(f) for f in faults]
+        with self.lock:
+            self._script.extend(normalized)
+
+    @property
+    def pending_faults(self) -> int:
+        with self.lock:
+            return len(self._script)
+
+    def set_bad_keys(self, bad_keys: dict[str, str] | None) -> None:
+        """Persistently reject these idempotency keys (key -> reason); replaces the set."""
+        bad = dict(bad_keys or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in bad.items()):
+            raise ValueError("bad keys must be a dict of str -> str")
+        with self.lock:
+            self.fail_keys = bad
+
+    def set_413_if_events_over(self, n: int | None) -> None:
+        """Answer 413 to any ingest request with more than ``n`` events (None: off)."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"n must be a non-negative int or None, got {n!r}")
+        with self.lock:
+            self.events_over_413 = n
+
+    def ingest_requests(self) -> list[dict[str, Any]]:
+        """Recorded ``POST /v1/ingest`` requests."""
+        with self.lock:
+            return [r for r in self.requests if r["method"] == "POST" and r["path"] == "/v1/ingest"]
+
+    # ------------------------------------------------------------------ request processing
+
+    def _control(self, req: _Request) -> _Outcome:
+        return _fake_control(self, req)
+
+    def _auth_ok(self, headers: Any) -> bool:
+        value = headers.get("Authorization") or ""
+        scheme, _, token = value.partition(" ")
+        return scheme.lower() == "bearer" and token.strip() == self.api_key and bool(self.api_key)
+
+    def _process(self, req: _Request) -> _Outcome:
+        if req.path == "/_fake" or req.path.startswith("/_fake/"):
+            return self._control(req)
+        record: dict[str, Any] = {
+            "method": req.method,
+            "path": req.path,
+            "status": None,
+            "event_count": 0,
+            "keys": [],
+            "authorization_ok": self._auth_ok(req.headers),
+            "backfill_id": None,
+            "fault": None,
+            "idempotency_header": req.headers.get("Idempotency-Key"),
+        }
+        if req.path == "/v1/ping" and req.method in ("GET", "HEAD"):
+            if record["authorization_ok"]:
+                outcome = _Outcome(200, {"response": "pong"})
+            else:
+                outcome = _Outcome(401, error_body(401, detail="Missing or invalid API key"))
+        elif req.path == "/v1/ingest" and req.method == "POST":
+            outcome = self._ingest(req, record)
+        else:
+            outcome = _Outcome(404, error_body(404, detail=f"No route for {req.method} {req.path}"))
+        record["status"] = outcome.status if outcome.action is None else None
+        with self.lock:
+            self.requests.append(record)
+        return outcome
+
+    def _parse(self, req: _Request) -> _Parsed:
+        if req.body is None:
+            return _Parsed(error="body too large")
+        raw = req.body
+        encoding = (req.headers.get("Content-Encoding") or "identity").strip().lower()
+        try:
+            if encoding == "gzip":
+                raw = gzip.decompress(raw)
+            elif encoding == "deflate":
+                raw = zlib.decompress(raw)
+            elif encoding != "identity":
+                return _Parsed(error=f"unsupported Content-Encoding {encoding!r}")
+        except (OSError, EOFError, zlib.error) as exc:
+            return _Parsed(error=f"cannot decode {encoding} body: {exc}")
+        try:
+            text = raw.decode("utf-8")
+            if self.accept_all:
+                body = json.loads(text, parse_constant=_reject_constant)
+            else:
+                body = json.loads(
+                    text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
+                )
+        except (UnicodeDecodeError, ValueError) as exc:
+            return _Parsed(error=f"request body is not valid JSON: {exc}")
+        events = body.get("events") if isinstance(body, dict) else None
+        return _Parsed(body=body, events=events if isinstance(events, list) else None)
+
+    def _ingest(self, req: _Request, record: dict[str, Any]) -> _Outcome:
+        query = parse_qs(req.query, keep_blank_values=True)
+        if query.get("backfill_id"):
+            record["backfill_id"] = query["backfill_id"][-1]
+        parsed = self._parse(req)
+        if parsed.events is not None:
+            keys = [
+                ev["idempotency_key"]
+                for ev in parsed.events
+                if isinstance(ev, dict) and isinstance(ev.get("idempotency_key"), str)
+            ]
+            record["event_count"] = len(parsed.events)
+            record["keys"] = keys
+            with self.lock:
+                self.key_send_counts.update(keys)
+        if not record["authorization_ok"]:
+            return _Outcome(401, error_body(401, detail="Missing or invalid API key"), delay=True)
+        with self.lock:
+            fault = self._script.popleft() if self._script else None
+        if fault is None:
+            return self._ingest_normal(req, query, parsed, record)
+        outcome = self._apply_fault(fault, req, query, parsed, record)
+        record["fault"] = fault["name"]
+        return outcome
+
+    def _apply_fault(
+        self,
+        fault: dict[str, Any],
+        req: _Request,
+        query: dict[str, list[str]],
+        parsed: _Parsed,
+        record: dict[str, Any],
+    ) -> _Outcome:
+        if fault["store_first"]:
+            # Process (validate + store) exactly as a normal request would,
+            # then throw the real answer away.
+            self._ingest_normal(req, query, parsed, record)
+        action = fault.get("action")
+        if action == "hang":
+            return _Outcome(None, action="hang", seconds=fault["seconds"])
+        if action == "reset":
+            return _Outcome(None, action="reset")
+        status = fault["status"]
+        headers = fault["headers"]
+        if "bad_keys" in fault:
+            bad: dict[str, list[str]] = fault["bad_keys"]
+            if self.store_valid_on_400 and not fault["store_first"] and parsed.events is not None:
+                if self.accept_all:
+                    candidates = self._accept_all_events(parsed.events) or []
+                else:
+                    candidates = self._validate(parsed.body).valid_events
+                self._store([ev for ev in candidates if ev["idempotency_key"] not in bad])
+            body = fault.get("body") or self._validation_body(
+                bad, [], as_strings=bool(fault.get("bad_keys_as_strings"))
+            )
+            return _Outcome(status, body, headers, delay=True)
+        if "body" in fault:
+            body = fault["body"]
+        else:
+            body = error_body(status, fault.get("type"), detail=f"scripted fault ({fault['name']})")
+        return _Outcome(status, body, headers, delay=True)
+
+    def _ingest_normal(
+        self,
+        req: _Request,
+        query: dict[str, list[str]],
+        parsed: _Parsed,
+        record: dict[str, Any],
+    ) -> _Outcome:
+        if req.body is None:
+            return _Outcome(
+                413,
+                error_body(
+                    413,
+                    detail=f"request body of {req.body_len} bytes exceeds {self.max_body_bytes}",
+                ),
+                delay=True,
+            )
+        unknown = sorted(set(query) - {"backfill_id"})
+        if unknown:
+            return self._reject([f"unknown query parameter(s): {', '.join(unknown)}"])
+        ctype = (req.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if ctype != "application/json":
+            return self._reject([f"Content-Type must be application/json, got {ctype!r}"])
+        if parsed.error is not None:
+            return self._reject([parsed.error])
+        events = parsed.events
+        if events is not None and len(events) > self.max_events_per_request:
+            return self._reject(
+                [
+                    f"too many events in one request: {len(events)} > "
+                    f"{self.max_events_per_request}; the whole request was rejected"
+                ]
+            )
+        with self.lock:
+            over = self.events_over_413
+            fail_keys = dict(self.fail_keys)
+        if over is not None and events is not None and len(events) > over:
+            record["fault"] = "413_if_events_over"
+            return _Outcome(
+                413,
+                error_body(413, detail=f"{len(events)} events exceeds the limit of {over}"),
+                delay=True,
+            )
+        if self.accept_all:
+            accepted = self._accept_all_events(events)
+            if accepted is None:
+                return self._reject(
+                    [
+                        "body must be an object whose 'events' is a list of objects "
+                        "with a string idempotency_key"
+                    ]
+                )
+            result = _Validation(valid_events=accepted)
+        else:
+            result = self._validate(parsed.body)
+        hit = [k for k in dict.fromkeys(record["keys"]) if k in fail_keys]
+        if hit:
+            record["fault"] = "bad_keys"
+            for k in hit:
+                result.key_errors.setdefault(k, []).append(fail_keys[k])
+            result.valid_events = [
+                ev for ev in result.valid_events if ev["idempotency_key"] not in fail_keys
+            ]
+        if result.failed:
+            if self.store_valid_on_400 and not result.request_level:
+                self._store(result.valid_events)
+            return _Outcome(
+                400, self._validation_body(result.key_errors, result.plain_errors), delay=True
+            )
+        self._store(result.valid_events)
+        return _Outcome(200, {"validation_failed": []}, delay=True)
+
+    def _reject(self, plain: list[str]) -> _Outcome:
+        return _Outcome(400, self._validation_body({}, plain), delay=True)
+
+    @staticmethod
+    def _validation_body(
+        key_errors: dict[str, list[str]], plain: list[str], *, as_strings: bool = False
+    ) -> dict[str, Any]:
+        items: list[Any]
+        if as_strings:
+            items = [f"{k}: {'; '.join(v)}" for k, v in key_errors.items()]
+        else:
+            items = [{"idempotency_key": k, "validation_errors": v} for k, v in key_errors.items()]
+        items.extend(plain)
+        n = len(key_errors)
+        detail = f"{n} event(s) failed validation" if n else "The request failed validation"
+        if plain and n:
+            detail += f"; {len(plain)} other error(s)"
+        return error_body(
+            400, _VALIDATION_TYPE, title=_VALIDATION_TITLE, detail=detail, validation_errors=items
+        )
+
+    @staticmethod
+    def _accept_all_events(events: list[Any] | None) -> list[dict[str, Any]] | None:
+        if events is None:
+            return None
+        for ev in events:
+            if not isinstance(ev, dict) or not isinstance(ev.get("idempotency_key"), str):
+                return None
+        return events
+
+    def _store(self, events: list[dict[str, Any]]) -> None:
+        with self.lock:
+            for ev in events:
+                key = ev["idempotency_key"]
+                if key in self.landed:
+                    self.duplicates += 1
+                else:
+                    self.landed[key] = ev
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate(self, body: Any) -> _Validation:
+        result = _Validation()
+        events: list[Any] = []
+        if isinstance(body, dict) and isinstance(body.get("events"), list):
+            events = body["events"]
+        keys: list[str | None] = []
+        for ev in events:
+            k = ev.get("idempotency_key") if isinstance(ev, dict) else None
+            keys.append(k if isinstance(k, str) and k else None)
+        bad_idx: set[int] = set()
+
+        def add(index: int | None, reason: str) -> None:
+            if index is None:
+                result.plain_errors.append(reason)
+                result.request_level = True
+                return
+            bad_idx.add(index)
+            key = keys[index]
+            if key is None:
+                result.plain_errors.append(f"events[{index}]: {reason}")
+            else:
+                result.key_errors.setdefault(key, []).append(reason)
+
+        for err in _validator().iter_errors(body):
+            path = list(err.absolute_path)
+            if len(path) >= 2 and path[0] == "events" and isinstance(path[1], int):
+                where = ".".join(str(p) for p in path[2:])
+                add(path[1], f"{where}: {err.message}" if where else err.message)
+            else:
+                where = "/".join(str(p) for p in path)
+                add(None, f"{where}: {err.message}" if where else err.message)
+
+        now = self.clock()
+        oldest = now - timedelta(hours=self.grace_period_hours)
+        newest = now + timedelta(seconds=self.future_tolerance_seconds)
+        bodies: dict[str, set[str]] = {}
+        for i, ev in enumerate(events):
+            if not isinstance(ev, dict):
+                continue
+            for reason in self._prose_errors(ev, oldest, newest):
+                add(i, reason)
+            if keys[i] is not None:
+                bodies.setdefault(keys[i], set()).add(_canonical(ev))  # type: ignore[arg-type]
+        for key, variants in bodies.items():
+            if len(variants) > 1:
+                result.key_errors.setdefault(key, []).append(
+                    "idempotency_key appears more than once in this request with different "
+                    "event bodies; the entire request is rejected"
+                )
+                result.request_level = True
+        result.valid_events = [
+            ev
+            for i, ev in enumerate(events)
+            if i not in bad_idx and keys[i] is not None and keys[i] not in result.key_errors
+        ]
+        return result
+
+    @staticmethod
+    def _prose_errors(ev: dict[str, Any], oldest: datetime, newest: datetime) -> Iterator[str]:
+        customer_fields = ("customer_id", "external_customer_id")
+        given = [f for f in customer_fields if ev.get(f) not in (None, "")]
+        for f in customer_fields:
+            if ev.get(f) == "":
+                yield f"{f} must not be an empty string"
+        if not given:
+            yield f"exactly one of {' or '.join(customer_fields)} must be specified (neither was)"
+        elif len(given) > 1:
+            yield f"exactly one of {' or '.join(customer_fields)} must be specified (both were)"
+
+        if ev.get("idempotency_key") == "":
+            yield "idempotency_key must not be empty"
+        name = ev.get("event_name")
+        if isinstance(name, str) and not name.strip():
+            yield "event_name must not be empty"
+
+        props = ev.get("properties")
+        if isinstance(props, dict):
+            for k, v in props.items():
+                problem = _property_problem(v)
+                if problem:
+                    yield f"properties.{k}: {problem}"
+
+        ts = ev.get("timestamp")
+        if isinstance(ts, str):
+            yield from _timestamp_errors(ts, oldest, newest)
+
+
+def _timestamp_errors(ts: str, oldest: datetime, newest: datetime) -> Iterator[str]:
+    m = _ORB_TS_RE.match(ts)
+    if not m:
+        if _OFFSET_RE.search(ts):
+            yield (
+                f"timestamp {ts!r} has a timezone offset; Orb wants UTC with a trailing 'Z' "
+                "(e.g. 2020-12-09T16:09:53Z)"
+            )
+        elif re.match(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?$", ts):
+            yield f"timestamp {ts!r} has no timezone designator; it must end in 'Z' (UTC)"
+        else:
+            yield f"timestamp {ts!r} is not of the form YYYY-MM-DDTHH:MM:SS[.ffffff]Z"
+        return
+    year, month, day, hour, minute, sec = (int(g) for g in m.groups()[:6])
+    frac = m.group(7) or ""
+    try:
+        when = datetime(
+            year, month, day, hour, minute, sec, int(frac[:6].ljust(6, "0")), tzinfo=timezone.utc
+        )
+    except ValueError as exc:
+        yield f"timestamp {ts!r} is not a valid date-time: {exc}"
+        return
+    if when < oldest:
+        yield (
+            f"timestamp {ts!r} is older than the grace period (earliest accepted "
+            f"{oldest.strftime('%Y-%m-%dT%H:%M:%SZ')}); use a backfill"
+        )
+    if when > newest:
+        yield (
+            f"timestamp {ts!r} is too far in the future (latest accepted "
+            f"{newest.strftime('%Y-%m-%dT%H:%M:%SZ')})"
+        )
+
+
+# --------------------------------------------------------------------------- control API
+
+
+def _control_response(status: int, body: Any) -> _Outcome:
+    return _Outcome(status, body)
+
+
+def _fake_control(fake: FakeOrb, req: _Request) -> _Outcome:
+    route = (req.method, req.path.rstrip("/"))
+    if route == ("GET", "/_fake/events"):
+        return _control_response(200, fake.events())
+    if route == ("GET", "/_fake/requests"):
+        with fake.lock:
+            return _control_response(200, [dict(r) for r in fake.requests])
+    if route == ("GET", "/_fake/stats"):
+        return _control_response(200, fake.stats())
+    if route == ("POST", "/_fake/reset"):
+        fake.reset()
+        return _control_response(200, {"ok": True})
+    if req.method == "POST" and route[1] in (
+        "/_fake/script",
+        "/_fake/bad_keys",
+        "/_fake/413_if_events_over",
+    ):
+        try:
+            data = json.loads((req.body or b"null").decode("utf-8") or "null")
+            if route[1] == "/_fake/script":
+                faults = data if isinstance(data, list) else [data]
+                fake.script(*faults)
+                return _control_response(200, {"ok": True, "pending": fake.pending_faults})
+            if route[1] == "/_fake/bad_keys":
+                if not isinstance(data, dict):
+                    raise ValueError("expected a JSON object of key -> reason")
+                fake.set_bad_keys(data)
+                return _control_response(200, {"ok": True, "bad_keys": sorted(data)})
+            n = data.get("n") if isinstance(data, dict) else data
+            fake.set_413_if_events_over(n)
+            return _control_response(200, {"ok": True, "n": n})
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _control_response(400, {"ok": False, "error": str(exc)})
+    return _control_response(
+        404, error_body(404, detail=f"No control route {req.method} {req.path}")
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _summary(fake: FakeOrb) -> str:
+    ingest = fake.ingest_requests()
+    statuses = collections.Counter(
+        "no-answer" if r["status"] is None else str(r["status"]) for r in ingest
+    )
+    events = fake.events()
+    lines = [
+        "=== fake-orb summary ===",
+        f"ingest requests: {len(ingest)}",
+        "responses: " + (", ".join(f"{s} x{n}" for s, n in sorted(statuses.items())) or "none"),
+        f"events landed: {len(events)}",
+        f"duplicates: {fake.duplicates}",
+    ]
+    lines.extend(_compact(ev) for ev in events)
+    return "\n".join(lines)
+
+
+def _write_events(fake: FakeOrb, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for ev in fake.events():
+            fh.write(_compact(ev) + "\n")
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@contextlib.contextmanager
+def _signal_handlers(handler: Callable[[int, Any], None], *signums: int) -> Iterator[None]:
+    previous: dict[int, Any] = {}
+    try:
+        for signum in signums:
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except (ValueError, OSError):  # not the main thread / unsupported
+                pass
+        yield
+    finally:
+        for signum, old in previous.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signum, old)
+
+
+def _run_command(fake: FakeOrb, cmd: list[str], max_seconds: float) -> int:
+    env = dict(os.environ, TARGET_ORB_API_URL=fake.url, TARGET_ORB_API_KEY=fake.api_key)
+    posix = os.name == "posix"
+    try:
+        # Own process group, so a timeout can take down the whole tree
+        # (e.g. `meltano run` and its tap/target children).
+        proc = subprocess.Popen(cmd, env=env, start_new_session=posix)
+    except OSError as exc:
+        print(f"fake-orb: cannot run {cmd[0]!r}: {exc}", file=sys.stderr)
+        return 127
+
+    def send(sig: int) -> None:
+        with contextlib.suppress(OSError):
+            if posix:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+
+    def forward(signum: int, _frame: Any) -> None:
+        send(signum)
+
+    with _signal_handlers(forward, signal.SIGINT, signal.SIGTERM):
+        try:
+            return _exit_code(proc.wait(timeout=max_seconds))
+        except subprocess.TimeoutExpired:
+            print(
+                f"fake-orb: command still running after --max-seconds {max_seconds:g}; killing it",
+                file=sys.stderr,
+            )
+            send(signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                send(signal.SIGKILL if posix else signal.SIGTERM)
+                proc.kill()
+                proc.wait()
+            return 124
+
+
+def _serve(fake: FakeOrb, max_seconds: float) -> int:
+    print(fake.url, flush=True)
+    print(
+        f"fake-orb: serving Orb's /v1/ingest and /v1/ping at {fake.url} "
+        f"(api key {fake.api_key!r}); control API at {fake.root_url}/_fake/; "
+        "Ctrl-C to stop",
+        file=sys.stderr,
+        flush=True,
+    )
+    done = threading.Event()
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        done.set()
+
+    with _signal_handlers(on_signal, signal.SIGTERM):
+        try:
+            done.wait(max_seconds)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fake-orb",
+        description="A strict local stand-in for Orb's POST /v1/ingest. Without COMMAND it "
+        "serves until Ctrl-C/SIGTERM; with `-- COMMAND ...` it runs COMMAND with "
+        "TARGET_ORB_API_URL and TARGET_ORB_API_KEY pointing at itself and exits with "
+        "COMMAND's exit code.",
+        usage="%(prog)s [options] [-- COMMAND ...]",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
+    p.add_argument("--port", type=int, default=0, help="port (0: pick a free one)")
+    p.add_argument("--api-key", default="test-orb-key")
+    p.add_argument("--grace-period-hours", type=float, default=12)
+    p.add_argument("--future-tolerance-seconds", type=float, default=300)
+    p.add_argument("--latency-ms", type=float, default=0, help="delay before each ingest answer")
+    p.add_argument(
+        "--accept-all",
+        action="store_true",
+        help="skip schema/prose validation (auth, JSON, dedup and counting still apply)",
+    )
+    p.add_argument("--events-out", metavar="FILE", help="write landed events as JSON lines")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=3600,
+        help="serve at most this long / kill COMMAND after this long (exit 124)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if "--" in args_in:
+        cut = args_in.index("--")
+        opts, cmd = args_in[:cut], args_in[cut + 1 :]
+    else:
+        opts, cmd = args_in, []
+    parser = _parser()
+    args = parser.parse_args(opts)
+    if "--" in args_in and not cmd:
+        parser.error("no COMMAND after --")
+    if args.max_seconds <= 0:
+        parser.error("--max-seconds must be positive")
+    try:
+        fake = FakeOrb(
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            grace_period_hours=args.grace_period_hours,
+            future_tolerance_seconds=args.future_tolerance_seconds,
+            latency_ms=args.latency_ms,
+            accept_all=args.accept_all,
+        )
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    fake.start()
+    try:
+        if cmd:
+            print(f"fake-orb: {fake.url} -> {' '.join(cmd)}", file=sys.stderr, flush=True)
+            rc = _run_command(fake, cmd, args.max_seconds)
+        else:
+            rc = _serve(fake, args.max_seconds)
+    finally:
+        fake.stop()
+    if args.events_out:
+        _write_events(fake, args.events_out)
+    print(_summary(fake), flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
