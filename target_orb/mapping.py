@@ -393,9 +393,10 @@ def map_record(
     event_name = get_path(record, spec.event_name_field)
     if (event_name is _MISSING or event_name in (None, "")) and spec.event_name_fallback:
         event_name = get_path(record, spec.event_name_fallback)
-    if spec.event_allowlist is not None and event_name not in spec.event_allowlist:
+    name_key = event_name if isinstance(event_name, str) else None
+    if spec.event_allowlist is not None and name_key not in spec.event_allowlist:
         return Skip("filter")
-    if event_name in spec.event_denylist:
+    if name_key in spec.event_denylist:
         return Skip("filter")
     try:
         return _map_valid(record, stream, spec, now, event_name)
