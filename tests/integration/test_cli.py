@@ -1,0 +1,242 @@
+"""The installed `target-orb` command over real sockets against the strict stand-in Orb."""
+
+from __future__ import annotations
+
+from tests.conftest import (
+    API_KEY,
+    assert_no_secret,
+    base_config,
+    recent,
+    run_target,
+    singer_lines,
+    track,
+)
+
+
+def test_segment_destination_example_lands_with_contract_body(orb, tmp_path):
+    ts = recent(10)
+    record = {
+        "type": "track",
+        "messageId": "ajs-f8ca1e4de5024d9430b3928bd8ac6b96",
+        "event": "payment_confirmed",
+        "userId": "external_customer_id",
+        "timestamp": ts,
+        "properties": {
+            "amount": 100.00,
+            "currency": "USD",
+            "confirmation_time": "2022-05-11T21:33:13.1652304793Z",
+            "internal_note": "never sent",
+        },
+        "context": {"library": {"name": "analytics.js"}},
+    }
+    config = base_config(
+        orb, tmp_path,
+        properties_mapping={"amount": "amount", "currency": "currency",
+                            "confirmation_time": "confirmation_time"},
+    )
+    result = run_target(config, singer_lines([record]), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert orb.events() == [
+        {
+            "idempotency_key": "ajs-f8ca1e4de5024d9430b3928bd8ac6b96",
+            "event_name": "payment_confirmed",
+            "external_customer_id": "external_customer_id",
+            "timestamp": ts,
+            "properties": {
+                "amount": 100.0,
+                "currency": "USD",
+                "confirmation_time": "2022-05-11T21:33:13.1652304793Z",
+            },
+        },
+    ]
+    assert result.states == [{"bookmarks": {"tracks": {"seq": 1}}}]
+    assert "target-orb summary" in result.stderr
+
+
+def test_decimal_is_sent_as_json_number_not_string(orb, tmp_path):
+    # The reader parses floats to Decimal; they must reach Orb as numbers.
+    record = track(1, properties={"tokens": 12.5, "region": "eu"})
+    result = run_target(base_config(orb, tmp_path), singer_lines([record]), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert orb.events()[0]["properties"] == {"tokens": 12.5, "region": "eu"}
+
+
+def test_stdin_input_batches_state_and_dead_letters(orb, tmp_path):
+    records = [track(i) for i in range(1, 26)]
+    records[4]["userId"] = None  # m5: no customer
+    records[9]["timestamp"] = "not a time"  # m10
+    records[14]["type"] = "identify"  # m15: skipped by type
+    records[19]["integrations"] = {"Orb": False}  # m20: skipped by integrations
+    config = base_config(orb, tmp_path, batch_size_rows=7)
+    result = run_target(config, singer_lines(records, state_every=10), tmp_path,
+                        use_input_flag=False)
+    assert result.returncode == 0, result.stderr
+    landed = {e["idempotency_key"] for e in orb.events()}
+    expected = {f"m{i}" for i in range(1, 26)} - {"m5", "m10", "m15", "m20"}
+    assert landed == expected
+    assert all(r["event_count"] <= 7 for r in orb.ingest_requests())
+    # stdout carries only STATE lines, and the last one covers everything.
+    assert result.states[-1] == {"bookmarks": {"tracks": {"seq": 25}}}
+    letters = result.dead_letters
+    assert sorted(d["record"]["messageId"] for d in letters) == ["m10", "m5"]
+    assert {d["source"] for d in letters} == {"local"}
+    assert all(d["stream"] == "tracks" and d["reason"] for d in letters)
+    reasons = {d["record"]["messageId"]: d["reason"] for d in letters}
+    assert "userId" in reasons["m5"]
+    assert "timestamp" in reasons["m10"]
+    assert "skipped:               2 (integrations: 1, type: 1)" in result.stderr
+    assert "invalid:               2 (bad_timestamp: 1, missing_customer: 1)" in result.stderr
+    assert f"dead-lettered:         2 -> {config['dead_letter_path']}" in result.stderr
+
+
+def test_authorization_header_and_ping(orb, tmp_path):
+    result = run_target(base_config(orb, tmp_path), singer_lines([track(1)]), tmp_path)
+    assert result.returncode == 0, result.stderr
+    paths = [(r["method"], r["path"], r["authorization_ok"]) for r in orb.requests]
+    assert paths[0] == ("GET", "/v1/ping", True)
+    assert ("POST", "/v1/ingest", True) in paths
+    assert_no_secret(result.stdout, result.stderr)
+
+
+def test_dry_run_sends_nothing_and_writes_no_state(orb, tmp_path):
+    config = base_config(orb, tmp_path, dry_run=True)
+    result = run_target(config, singer_lines([track(1), track(2)], state_every=1), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert orb.requests == []  # not even the ping
+    assert result.stdout == ""
+    assert "DRY RUN: would POST" in result.stderr
+    assert '"idempotency_key":"m1"' in result.stderr
+    assert "DRY RUN" in result.stderr.split("target-orb summary")[1]
+    assert_no_secret(result.stderr)
+
+
+def test_wrong_api_key_fails_fast_at_ping_with_clear_message(orb, tmp_path):
+    config = base_config(orb, tmp_path, api_key="wrong-key-SECRET-0123456789")
+    result = run_target(config, singer_lines([track(1)]), tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert f"HTTP 401 to GET {orb.url}/ping" in result.stderr
+    assert "`api_key`" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not orb.ingest_requests()
+    assert "wrong-key" not in result.stderr
+    assert_no_secret(result.stderr)
+
+
+def test_404_url_is_fatal_naming_the_setting(orb, tmp_path):
+    config = base_config(orb, tmp_path, api_url=orb.url.replace("/v1", "/v2"))
+    result = run_target(config, singer_lines([track(1)]), tmp_path)
+    assert result.returncode == 1
+    assert "HTTP 404" in result.stderr
+    assert "`api_url`" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_errors_are_reported_together_without_traceback(orb, tmp_path):
+    config = {
+        "api_key": API_KEY,
+        "api_url": "http://orb.example.com/v1",
+        "batch_size_rows": 900,
+        "properties_mapping": {"a": 5},
+        "nested_properties": "explode",
+        "dead_letter_path": str(tmp_path / "dl.jsonl"),
+    }
+    result = run_target(config, singer_lines([track(1)]), tmp_path)
+    assert result.returncode == 1
+    for name in ("external_customer_id_field", "batch_size_rows", "properties_mapping",
+                 "nested_properties", "api_url"):
+        assert name in result.stderr, name
+    assert "Traceback" not in result.stderr
+    assert orb.requests == []
+    assert_no_secret(result.stderr)
+
+
+def test_server_errors_never_count_as_delivered(orb, tmp_path):
+    orb.script(*[{"status": 503}] * 50)
+    config = base_config(orb, tmp_path, max_retry_seconds=2)
+    result = run_target(config, singer_lines([track(1), track(2)]), tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""  # no STATE past undelivered events
+    assert orb.events() == []
+    assert "HTTP 503" in result.stderr
+    assert "max_retry_seconds" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_decimal_in_upstream_state_does_not_crash(orb, tmp_path):
+    lines = singer_lines([track(1)], final_state=False)
+    lines.append('{"type": "STATE", "value": {"bookmarks": {"tracks": {"ratio": 0.5, "n": 1}}}}')
+    result = run_target(base_config(orb, tmp_path), lines, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.states == [{"bookmarks": {"tracks": {"ratio": 0.5, "n": 1}}}]
+
+
+def test_not_segment_shaped_stream_is_dead_lettered_not_a_crash(orb, tmp_path):
+    schema = {"type": "object", "properties": {"id": {"type": "integer"},
+                                               "fruits": {"type": "array"}}}
+    lines = singer_lines([{"id": 1, "fruits": ["apple"]}], stream="fruit", schema=schema)
+    result = run_target(base_config(orb, tmp_path), lines, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [d["record"] for d in result.dead_letters] == [{"id": 1, "fruits": ["apple"]}]
+    assert "event name" in result.dead_letters[0]["reason"]
+    assert result.states == [{"bookmarks": {"fruit": {"seq": 1}}}]
+
+
+def test_invalid_event_policy_fail_stops_without_state(orb, tmp_path):
+    records = [track(1), track(2, userId="")]
+    config = base_config(orb, tmp_path, invalid_event_policy="fail")
+    result = run_target(config, singer_lines(records), tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "invalid_event_policy" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not result.dead_letter_path.exists()
+
+
+def test_invalid_event_policy_skip_counts_without_dead_letter(orb, tmp_path):
+    records = [track(1), track(2, userId="")]
+    config = base_config(orb, tmp_path, invalid_event_policy="skip")
+    result = run_target(config, singer_lines(records), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [e["idempotency_key"] for e in orb.events()] == ["m1"]
+    assert not result.dead_letter_path.exists()
+    assert "missing_customer: 1" in result.stderr
+
+
+def test_duplicate_keys_in_one_request_collapsed_or_dead_lettered(orb, tmp_path):
+    first = track(1)
+    same = dict(first)
+    changed = {**first, "properties": {"tokens": 999, "region": "eu"}}
+    result = run_target(base_config(orb, tmp_path), singer_lines([first, same, changed]),
+                        tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert orb.events() == [
+        {"idempotency_key": "m1", "event_name": "API Request", "external_customer_id": "cust_1",
+         "timestamp": first["timestamp"], "properties": {"tokens": 1, "region": "eu"}},
+    ]
+    assert [r["event_count"] for r in orb.ingest_requests()] == [1]
+    assert len(result.dead_letters) == 1
+    assert result.dead_letters[0]["record"]["properties"]["tokens"] == 999
+    assert "duplicates collapsed:  1" in result.stderr
+
+
+def test_env_config_and_python_module_entry_point(orb, tmp_path):
+    import subprocess
+    import sys
+
+    lines = "\n".join(singer_lines([track(1)])) + "\n"
+    env = {
+        "TARGET_ORB_API_KEY": API_KEY,
+        "TARGET_ORB_API_URL": orb.url,
+        "TARGET_ORB_EXTERNAL_CUSTOMER_ID_FIELD": "userId",
+        "TARGET_ORB_BATCH_SIZE_ROWS": "10",
+        "TARGET_ORB_DEAD_LETTER_PATH": str(tmp_path / "dl.jsonl"),
+        "PATH": "/usr/bin:/bin",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "target_orb", "--config", "ENV"], input=lines, text=True,
+        capture_output=True, env=env, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [e["idempotency_key"] for e in orb.events()] == ["m1"]
+    assert_no_secret(proc.stderr)
