@@ -85,16 +85,19 @@ class Pipeline:
         self._error: BaseException | None = None
         self._states_written = 0
         self._workers: list[threading.Thread] = []
-        if not self._dry_run:
-            for n in range(self._max_in_flight):
-                worker = threading.Thread(target=self._work, name=f"orb-send-{n}", daemon=True)
-                worker.start()
-                self._workers.append(worker)
+        self._progress_interval = progress_interval
         self._progress: threading.Thread | None = None
-        if progress_interval > 0:
+
+    def _start_threads(self) -> None:
+        """Start the delivery threads and the progress reporter on first use."""
+        for n in range(self._max_in_flight):
+            worker = threading.Thread(target=self._work, name=f"orb-send-{n}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        if self._progress_interval > 0:
             self._progress = threading.Thread(
-                target=self._report_progress, args=(progress_interval,), name="orb-progress",
-                daemon=True,
+                target=self._report_progress, args=(self._progress_interval,),
+                name="orb-progress", daemon=True,
             )
             self._progress.start()
 
@@ -167,6 +170,8 @@ class Pipeline:
                 self._ingest_url, len(events), jsonutil.dumps_str({"events": events}),
             )
             return
+        if not self._workers:
+            self._start_threads()
         with self._cond:
             while self._in_flight >= self._max_in_flight and self._error is None:
                 self._cond.wait(0.5)
@@ -212,6 +217,7 @@ class Pipeline:
             self._queue.put(None)
         for worker in self._workers:
             worker.join(timeout)
+        self._workers = []
 
     # -- delivery threads -----------------------------------------------------------
 

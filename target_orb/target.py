@@ -200,6 +200,7 @@ class TargetOrb(Target):
     def process_endofpipe(self) -> None:
         super().process_endofpipe()
         self.runtime.pipeline.wait_all()
+        self.runtime.pipeline.close()
 
     @override
     def _handle_termination(self, signum: int, frame: FrameType | None) -> None:
