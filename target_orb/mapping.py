@@ -50,7 +50,7 @@ class Mapped:
     key_derived: bool = False
 
 
-MapResult = t.Union[Mapped, Skip, Invalid]
+MapResult = Mapped | Skip | Invalid
 
 
 class _InvalidRecordError(Exception):
@@ -412,7 +412,9 @@ def _map_valid(
     event_name: t.Any,
 ) -> Mapped:
     if event_name is _MISSING or event_name is None:
-        raise _InvalidRecordError("missing_event_name", f"no event name at `{spec.event_name_field}`")
+        raise _InvalidRecordError(
+            "missing_event_name", f"no event name at `{spec.event_name_field}`"
+        )
     if not isinstance(event_name, str) or not event_name.strip():
         raise _InvalidRecordError(
             "missing_event_name",

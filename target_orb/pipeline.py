@@ -4,7 +4,7 @@ The SDK writes STATE at the end of `drain_all` once every `process_batch` return
 `process_batch` hands its request to a bounded pool and returns, so reading goes on while
 requests are in flight; in exchange the target routes each STATE through `offer_state`,
 which holds it until every request submitted before it was accepted by Orb or durably
-dead-lettered. Memory stays O(batch size × max_concurrent_requests): `submit` blocks while
+dead-lettered. Memory stays O(batch size x max_concurrent_requests): `submit` blocks while
 that many requests are in flight.
 """
 
@@ -264,7 +264,7 @@ class Pipeline:
                 continue
             try:
                 self._deliver(batch)
-            except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+            except BaseException as exc:
                 self._fail(exc)
 
     def _deliver(self, batch: _Batch) -> None:

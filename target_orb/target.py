@@ -73,7 +73,8 @@ class _Runtime:
                 self.client.post_ingest,
                 url=self.client.ingest_url,
                 max_retry_seconds=s.max_retry_seconds,
-                sleep=lambda seconds: self.pipeline.sleep(seconds),
+                # The pipeline is built below; bind late.
+                sleep=lambda seconds: self.pipeline.sleep(seconds),  # noqa: PLW0108
                 limiter=limiter,
                 on_retry=self.stats.add_retry,
             )

@@ -54,6 +54,10 @@ def track(n: int, **fields: t.Any) -> dict[str, t.Any]:
     return record
 
 
+def _state_line(stream: str, seq: int) -> str:
+    return json.dumps({"type": "STATE", "value": {"bookmarks": {stream: {"seq": seq}}}})
+
+
 def singer_lines(
     records: t.Iterable[dict[str, t.Any]],
     *,
@@ -75,12 +79,12 @@ def singer_lines(
         ),
     ]
     count = 0
-    for count, record in enumerate(records, start=1):  # noqa: B007
+    for count, record in enumerate(records, start=1):
         lines.append(json.dumps({"type": "RECORD", "stream": stream, "record": record}))
         if state_every and count % state_every == 0:
-            lines.append(json.dumps({"type": "STATE", "value": {"bookmarks": {stream: {"seq": count}}}}))
+            lines.append(_state_line(stream, count))
     if final_state:
-        lines.append(json.dumps({"type": "STATE", "value": {"bookmarks": {stream: {"seq": count}}}}))
+        lines.append(_state_line(stream, count))
     return lines
 
 
