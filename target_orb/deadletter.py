@@ -84,3 +84,72 @@ class DeadLetterWriter:
             finally:
                 os.close(fd)
             self.count += len(entries)
+
+
+def replay_lines(lines: t.Iterable[str]) -> t.Iterator[str]:
+    """Turn dead-letter lines back into a Singer stream (SCHEMA + RECORD per stream).
+
+    The records are written exactly as they were received, so a record whose key came
+    from `idempotency_key_field` is re-sent under the same idempotency key.
+
+    Args:
+        lines: Lines of a dead-letter file.
+
+    Yields:
+        Singer message lines (without newline).
+    """
+    seen_streams: set[str] = set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = jsonutil.loads(line)
+        except ValueError as exc:
+            msg = f"line {number} is not JSON: {exc}"
+            raise ValueError(msg) from None
+        if not isinstance(item, dict) or "stream" not in item or "record" not in item:
+            msg = f"line {number} is not a target-orb dead-letter entry (no stream/record)"
+            raise ValueError(msg)
+        stream = item["stream"]
+        if stream not in seen_streams:
+            seen_streams.add(stream)
+            schema = {"type": "object", "properties": {}, "additionalProperties": True}
+            yield jsonutil.dumps_str(
+                {"type": "SCHEMA", "stream": stream, "schema": schema, "key_properties": []},
+            )
+        yield jsonutil.dumps_lenient({"type": "RECORD", "stream": stream, "record": item["record"]})
+
+
+def main(argv: t.Sequence[str] | None = None) -> int:
+    """`python -m target_orb.deadletter replay FILE`: print a Singer stream to re-send.
+
+    Args:
+        argv: Command-line arguments.
+
+    Returns:
+        Exit code.
+    """
+    import argparse  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="python -m target_orb.deadletter",
+        description="Turn a target-orb dead-letter file back into Singer messages, e.g. "
+        "`python -m target_orb.deadletter replay dl.jsonl | target-orb --config config.json`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    replay = sub.add_parser("replay", help="write SCHEMA/RECORD lines for every entry to stdout")
+    replay.add_argument("path", help="dead-letter file (JSON Lines)")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.path, encoding="utf-8") as handle:
+            for out in replay_lines(handle):
+                sys.stdout.write(out + "\n")
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"target-orb deadletter: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

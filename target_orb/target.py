@@ -121,8 +121,8 @@ class _Runtime:
         self.logger.info(text)
         self.logger.info("target-orb metrics: %s", jsonutil.dumps_str(self.stats.as_dict()))
 
-    def shutdown(self) -> None:
-        self.pipeline.close()
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self.pipeline.close(timeout)
         if self.client is not None:
             self.client.close()
 
@@ -273,7 +273,7 @@ class TargetOrb(Target):
             )
         if target is not None:
             target.runtime.summary(failed=True)
-            target.runtime.shutdown()
+            target.runtime.shutdown(timeout=1.0)
         logging.shutdown()
         sys.stdout.flush()
         os._exit(1)
@@ -288,7 +288,7 @@ class TargetOrb(Target):
         )
         if target is not None:
             target.runtime.summary(failed=True)
-            target.runtime.shutdown()
+            target.runtime.shutdown(timeout=1.0)
         logging.shutdown()
         sys.stdout.flush()
         os._exit(128 + int(signum))
