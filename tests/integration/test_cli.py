@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from tests.conftest import (
     API_KEY,
     assert_no_secret,
@@ -240,3 +242,21 @@ def test_env_config_and_python_module_entry_point(orb, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert [e["idempotency_key"] for e in orb.events()] == ["m1"]
     assert_no_secret(proc.stderr)
+
+
+def test_about_with_a_config_never_shows_the_api_key(orb, tmp_path):
+    import subprocess
+
+    from tests.conftest import TARGET_ORB
+
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(base_config(orb, tmp_path)))
+    for fmt in ("json", "markdown"):
+        proc = subprocess.run(
+            [TARGET_ORB, "--config", str(config_path), "--about", "--format", fmt],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "api_key" in proc.stdout
+        assert_no_secret(proc.stdout, proc.stderr)
+    assert orb.requests == []
