@@ -83,6 +83,7 @@ class Pipeline:
         self._unsettled: set[int] = set()
         self._states: list[tuple[int, dict]] = []
         self._error: BaseException | None = None
+        self.error_reported = False
         self._states_written = 0
         self._workers: list[threading.Thread] = []
         self._progress_interval = progress_interval
@@ -136,6 +137,7 @@ class Pipeline:
             BaseException: The first failure seen by a delivery thread.
         """
         if self._error is not None:
+            self.error_reported = True
             raise self._error
 
     def reject_local(self, stream: str, items: t.Sequence[DeadLetterEntry]) -> None:

@@ -213,7 +213,9 @@ class TargetOrb(Target):
         """
         runtime = getattr(self, "runtime", None)
         if runtime is not None and runtime.pipeline.error is not None:
-            raise runtime.pipeline.error
+            if runtime.pipeline.error_reported:
+                return  # the reading thread already has the error; this is its echo
+            runtime.pipeline.raise_if_failed()
         raise TerminatedError(signum)
 
     @classmethod
@@ -257,12 +259,22 @@ class TargetOrb(Target):
         except OSError as exc:
             cls._fail(target, f"I/O error: {exc}. Check `dead_letter_path` and disk space.")
         finally:
+            cls._ignore_signals()
             if target is not None:
                 target.runtime.summary(failed=failed)
                 target.runtime.shutdown()
 
+    @staticmethod
+    def _ignore_signals() -> None:
+        """Once the run is ending, a late signal (or a delivery thread's interrupt) must not
+        raise inside the shutdown path."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
+
     @classmethod
     def _fail(cls, target: TargetOrb | None, message: str) -> t.NoReturn:
+        cls._ignore_signals()
         pending = target.runtime.pipeline.unacknowledged if target else 0
         cls.logger.error("target-orb failed: %s", message)
         if pending:
@@ -280,6 +292,7 @@ class TargetOrb(Target):
 
     @classmethod
     def _terminated(cls, target: TargetOrb | None, signum: int) -> t.NoReturn:
+        cls._ignore_signals()
         pending = target.runtime.pipeline.unacknowledged if target else 0
         cls.logger.error(
             "Stopped by signal %d. %d events in flight were not acknowledged and no STATE "
