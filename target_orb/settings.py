@@ -63,6 +63,30 @@ PRESET_DEFAULTS: dict[str, dict[str, t.Any]] = {
 }
 
 
+# A mapping value is an Orb key, or (as Meltano writes dotted keys) a nested object of them.
+_MAPPING_VALUE = th.CustomType({"type": ["string", "object"]})
+
+
+def flatten_mapping(mapping: t.Mapping[str, t.Any], prefix: str = "") -> dict[str, t.Any]:
+    """`{"request": {"method": "m"}}` → `{"request.method": "m"}`; other values kept as is.
+
+    Args:
+        mapping: A `properties_mapping` / `traits_mapping` value.
+        prefix: Dotted path so far.
+
+    Returns:
+        Flat source path → value.
+    """
+    flat: dict[str, t.Any] = {}
+    for key, value in mapping.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, t.Mapping):
+            flat.update(flatten_mapping(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
 def _prop(name: str, typ: t.Any, title: str, description: str, **kwargs: t.Any) -> th.Property:
     return th.Property(name, typ, title=title, description=description, **kwargs)
 
@@ -102,10 +126,11 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
     ),
     _prop(
         "properties_mapping",
-        th.ObjectType(additional_properties=th.StringType),
+        th.ObjectType(additional_properties=_MAPPING_VALUE),
         "Properties mapping",
         "Source property key (a dotted path inside the properties object) → Orb property key. "
-        "Keys not mapped are dropped unless `properties_passthrough` is true.",
+        "Keys not mapped are dropped unless `properties_passthrough` is true. A nested object "
+        "is read as dotted paths (Meltano turns `a.b` keys into nested objects).",
         default={},
     ),
     _prop(
@@ -294,6 +319,17 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         default=30,
     ),
     _prop(
+        "validate_records",
+        th.BooleanType,
+        "Validate records",
+        "Validate each record against the tap's stream schema (fastjsonschema) and log "
+        "mismatches. Off by default: target-orb's own mapping checks every field it sends "
+        "and dead-letters what it cannot send, and a schema mismatch never stops a billing "
+        "run either way, so validation would only cost time (about a fifth of the "
+        "per-record work, see benchmarks/).",
+        default=False,
+    ),
+    _prop(
         "identify_policy",
         th.StringType,
         "Identify policy",
@@ -310,7 +346,7 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
     ),
     _prop(
         "traits_mapping",
-        th.ObjectType(additional_properties=th.StringType),
+        th.ObjectType(additional_properties=_MAPPING_VALUE),
         "Traits mapping",
         "Trait key → Orb metadata key; unmapped traits are dropped unless `traits_passthrough`.",
         default={},
@@ -415,6 +451,7 @@ def config_problems(config: t.Mapping[str, t.Any]) -> list[str]:
         if not isinstance(mapping, t.Mapping):
             problems.append(f"`{name}` must be an object of string → string.")
             continue
+        mapping = flatten_mapping(mapping)
         bad = [k for k, v in mapping.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             problems.append(
@@ -512,7 +549,7 @@ def build_mapping_spec(config: t.Mapping[str, t.Any]) -> MappingSpec:
         idempotency_key_field=pick("idempotency_key_field"),
         timestamp_field=pick("timestamp_field"),
         properties_field=pick("properties_field"),
-        properties_mapping=dict(config.get("properties_mapping") or {}),
+        properties_mapping=flatten_mapping(config.get("properties_mapping") or {}),
         properties_passthrough=bool(pick("properties_passthrough")),
         warehouse_columns=preset == "segment_warehouse" and pick("properties_field") == "",
         nested_properties=config.get("nested_properties") or "flatten",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 import typing as t
 
 import fastjsonschema
@@ -20,6 +21,8 @@ if t.TYPE_CHECKING:
 
 _UTC = datetime.timezone.utc
 _MAX_SCHEMA_WARNINGS = 5
+# The time windows are checked against a clock read at most this often (not per record).
+_NOW_REFRESH_SECONDS = 0.5
 
 
 class FastJSONSchemaValidator(BaseJSONSchemaValidator):
@@ -68,6 +71,8 @@ class OrbSink(BatchSink):
         """
         self._runtime = target.runtime
         self._schema_warnings = 0
+        self._now = datetime.datetime.now(_UTC)
+        self._now_at = time.monotonic()
         super().__init__(target, stream_name, schema, key_properties)
 
     @property
@@ -111,7 +116,10 @@ class OrbSink(BatchSink):
     def process_record(self, record: dict, context: dict) -> None:
         runtime = self._runtime
         runtime.stats.records_read += 1
-        result = map_record(record, self.stream_name, runtime.spec, datetime.datetime.now(_UTC))
+        if time.monotonic() - self._now_at > _NOW_REFRESH_SECONDS:
+            self._now = datetime.datetime.now(_UTC)
+            self._now_at = time.monotonic()
+        result = map_record(record, self.stream_name, runtime.spec, self._now)
         if type(result) is Mapped:
             if result.key_derived:
                 runtime.note_derived_key(self.stream_name)

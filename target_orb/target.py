@@ -13,6 +13,7 @@ from singer_sdk import Target
 from singer_sdk.contrib.msgspec import MsgSpecReader
 from singer_sdk.exceptions import ConfigValidationError
 from singer_sdk.helpers.capabilities import PluginCapabilities, TargetCapabilities
+from singer_sdk.mapper import SameRecordTransform
 from singer_sdk.plugin_base import _ConfigInput
 from typing_extensions import override
 
@@ -155,6 +156,7 @@ class TargetOrb(Target):
             kwargs: Passed to the SDK.
         """
         self._stdout_lock = threading.Lock()
+        self._fast_sinks: dict[str, OrbSink] = {}
         super().__init__(*args, **kwargs)
         # process_batch only queues work, so parallel drains would add nothing.
         self.max_parallelism = 1
@@ -189,13 +191,57 @@ class TargetOrb(Target):
 
     @override
     def _process_record_message(self, message_dict: dict) -> None:
-        self.runtime.pipeline.raise_if_failed()
-        super()._process_record_message(message_dict)
+        """The SDK's record path, minus the work that is a no-op for target-orb.
+
+        For a stream with no stream map and no flattening (the usual case), the SDK's
+        shallow copy, identity transform, sink lookup and `_sdc_` stripping do nothing
+        target-orb needs (the mapping ignores `_sdc_*` keys), so this path skips them and
+        keeps every other step in the SDK's order: batch context, validation (when on),
+        key-property check, tallies, process_record, full-sink drain and max-age drain.
+        Any other stream goes through the SDK unchanged.
+        """
+        pipeline = self.runtime.pipeline
+        if pipeline.error is not None:
+            pipeline.raise_if_failed()
+        sink = self._fast_sinks.get(message_dict.get("stream"))  # type: ignore[arg-type]
+        record = message_dict.get("record")
+        if sink is None or type(record) is not dict:
+            super()._process_record_message(message_dict)
+            return
+        context = sink._get_context(record)  # noqa: SLF001
+        if sink._validator is not None:  # noqa: SLF001
+            sink._validate_and_parse(record)  # noqa: SLF001
+        if sink.key_properties:
+            sink._singer_validate_message(record)  # noqa: SLF001
+        sink.tally_record_read()
+        sink.process_record(record, context)
+        sink.record_counter_metric.increment()
+        if sink.is_full:
+            self.logger.info(
+                "Target sink for '%s' is full. Current size is '%s'. Draining...",
+                sink.stream_name, sink.current_size,
+            )
+            self.drain_one(sink)
+        self._handle_max_record_age()
 
     @override
     def _process_schema_message(self, message_dict: dict) -> None:
         self.runtime.ensure_started()
         super()._process_schema_message(message_dict)
+        stream = message_dict["stream"]
+        self._fast_sinks.pop(stream, None)
+        maps = self.mapper.stream_maps.get(stream) or []
+        if len(maps) == 1:
+            only = maps[0]
+            sink = self._sinks_active.get(only.stream_alias)
+            if (
+                type(only) is SameRecordTransform
+                and only.stream_alias == stream
+                and not (only.flattening_options and only.flattening_enabled)
+                and isinstance(sink, OrbSink)
+                and not sink.include_sdc_metadata_properties
+            ):
+                self._fast_sinks[stream] = sink
 
     @override
     def process_endofpipe(self) -> None:

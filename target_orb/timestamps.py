@@ -413,6 +413,40 @@ def normalize(value: object) -> str:
     return format_orb(to_utc(value))
 
 
+def parse_and_format(value: object) -> tuple[datetime.datetime, str]:
+    """`(to_utc(value), normalize(value))` with one parse (the mapping's hot path).
+
+    For the dominant `_FAST_RE` shapes the C `fromisoformat` builds the datetime (and
+    checks field ranges) about twice as fast as converting the groups by hand; every shape
+    it gets is one Python 3.10's `fromisoformat` already reads.
+
+    Args:
+        value: Any input `to_utc` accepts.
+
+    Returns:
+        The aware UTC datetime and its Orb format.
+
+    Raises:
+        TimestampError: `value` cannot be read as a timestamp.
+    """
+    if type(value) is str:
+        text = value.strip()
+        match = _FAST_RE.fullmatch(text)
+        if match is not None:
+            try:
+                parsed = datetime.datetime.fromisoformat(
+                    text[:-1] + "+00:00" if text[-1] == "Z" else text
+                )
+            except ValueError as exc:
+                raise _error(value, str(exc)) from None
+            fraction = match.group(7)
+            if not fraction or parsed.microsecond == 0:
+                return parsed, text[:19] + "Z"
+            return parsed, f"{text[:19]}.{fraction.ljust(6, '0')}Z"
+    parsed = to_utc(value)
+    return parsed, format_orb(parsed)
+
+
 def check_window(
     dt: datetime.datetime,
     *,

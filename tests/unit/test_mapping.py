@@ -628,3 +628,15 @@ def test_config_problems_name_every_bad_setting():
 )
 def test_http_allowed_only_for_loopback(url):
     assert config_problems({"external_customer_id_field": "u", "api_url": url}) == []
+
+
+def test_nested_mapping_object_is_read_as_dotted_paths():
+    # Meltano writes `request.method: http_method` as {"request": {"method": "http_method"}}.
+    s = spec(properties_mapping={"request": {"method": "http_method"}, "tokens": "tokens"})
+    record = track(properties={"request": {"method": "POST"}, "tokens": 2})
+    assert mapped(map_record(record, "s", s, NOW))["properties"] == {
+        "http_method": "POST", "tokens": 2,
+    }
+    assert config_problems(
+        {"external_customer_id_field": "u", "properties_mapping": {"request": {"method": 1}}}
+    ) != []

@@ -544,3 +544,32 @@ def test_property_epoch_units(value: dt.datetime) -> None:
     assert to_utc(str(millis)) == to_utc(millis)
     assert to_utc(Decimal(micros).scaleb(-6)) == value
     assert to_utc(str(Decimal(micros).scaleb(-6))) == value
+
+
+@given(
+    st.datetimes(
+        min_value=dt.datetime(1970, 1, 1),
+        max_value=dt.datetime(2200, 1, 1),
+        timezones=st.just(dt.timezone.utc),
+    ),
+    st.sampled_from(["Z", "+00:00"]),
+    st.sampled_from([0, 3, 6]),
+)
+def test_parse_and_format_agrees_with_to_utc_and_normalize(when, suffix, digits):
+    from target_orb.timestamps import parse_and_format
+
+    text = when.strftime("%Y-%m-%dT%H:%M:%S")
+    if digits:
+        text += "." + f"{when.microsecond:06d}"[:digits]
+    text += suffix
+    assert parse_and_format(text) == (to_utc(text), normalize(text))
+    assert parse_and_format(when) == (to_utc(when), normalize(when))
+
+
+@pytest.mark.parametrize("text", ["2024-02-30T00:00:00Z", "2024-01-01T24:00:00.000Z",
+                                  "2024-13-01T00:00:00+00:00"])
+def test_parse_and_format_rejects_out_of_range_fields(text):
+    from target_orb.timestamps import parse_and_format
+
+    with pytest.raises(TimestampError):
+        parse_and_format(text)
