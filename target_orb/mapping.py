@@ -19,6 +19,8 @@ from target_orb.timestamps import TimestampError, format_orb, parse_and_format, 
 
 INT64_MIN = -(2**63)  # Orb property numbers must fit int64 (reference/orb-api.md §2.6)
 INT64_MAX = 2**63 - 1
+_DEC_INT64_MIN = decimal.Decimal(INT64_MIN)  # Decimal-to-Decimal compares are ~2x faster
+_DEC_INT64_MAX = decimal.Decimal(INT64_MAX)
 MAX_KEY_LENGTH = 64  # longer idempotency keys are sent as their sha256 hex (64 chars)
 _MISSING = object()
 _BLANK_CUSTOMERS = frozenset({"", "null", "undefined", "none", "nil"})
@@ -151,7 +153,7 @@ def _check_scalar(key: str, value: t.Any) -> t.Any:
             raise _InvalidRecordError(
                 "bad_property_value", f"property `{key}` is {value}, not a finite number"
             )
-        if value == value.to_integral_value() and not INT64_MIN <= value <= INT64_MAX:
+        if not INT64_MIN <= value <= INT64_MAX and value == value.to_integral_value():
             raise _InvalidRecordError(
                 "bad_property_value", f"property `{key}` = {value} is outside the int64 range"
             )
@@ -184,24 +186,33 @@ class _PropertyBuilder:
 
     def put(self, orb_key: str, source: str, value: t.Any) -> None:
         kind = type(value)
-        if kind is not str and kind is not bool:  # the common cases skip every check
-            if value is None:
-                return  # nulls are dropped (Orb takes no null property values)
-            if isinstance(value, dict):
-                self._nested(orb_key, source, value, is_object=True)
-                return
-            if isinstance(value, (list, tuple)):
-                self._nested(orb_key, source, value, is_object=False)
-                return
-            if kind is not int or not INT64_MIN <= value <= INT64_MAX:
-                value = _check_scalar(source, value)
-        if orb_key in self.sources:
+        # Ordered by frequency; each branch leaves `value` as it is sent.
+        if kind is str or kind is bool:
+            pass
+        elif kind is int:
+            if not INT64_MIN <= value <= INT64_MAX:
+                value = _check_scalar(source, value)  # raises
+        elif kind is decimal.Decimal:
+            if not (value.is_finite() and _DEC_INT64_MIN <= value <= _DEC_INT64_MAX):
+                value = _check_scalar(source, value)  # raises, or a non-integral big number
+        elif value is None:
+            return  # nulls are dropped (Orb takes no null property values)
+        elif isinstance(value, dict):
+            self._nested(orb_key, source, value, is_object=True)
+            return
+        elif isinstance(value, (list, tuple)):
+            self._nested(orb_key, source, value, is_object=False)
+            return
+        else:
+            value = _check_scalar(source, value)
+        if orb_key in self.out:
             raise _InvalidRecordError(
                 "key_collision",
-                f"properties `{self.sources[orb_key]}` and `{source}` both map to Orb "
-                f"property `{orb_key}`",
+                f"properties `{self.sources.get(orb_key, orb_key)}` and `{source}` both map "
+                f"to Orb property `{orb_key}`",
             )
-        self.sources[orb_key] = source
+        if source != orb_key:
+            self.sources[orb_key] = source  # only renamed/flattened keys need remembering
         self.out[orb_key] = value
 
     def _nested(self, orb_key: str, source: str, value: t.Any, *, is_object: bool) -> None:
@@ -315,8 +326,15 @@ def build_properties(source: t.Mapping[str, t.Any], spec: MappingSpec) -> dict[s
         if not src.startswith("_sdc_"):  # tap metadata never becomes a property
             builder.put(dst, src, value)
     if spec.properties_passthrough:
+        out = builder.out
         for key, value in source.items():
             if key in mapping or key.startswith("_sdc_"):
+                continue
+            kind = type(value)
+            if (
+                kind is str or kind is bool or (kind is int and INT64_MIN <= value <= INT64_MAX)
+            ) and key not in out:
+                out[key] = value  # the common cases, inlined from builder.put
                 continue
             if isinstance(value, dict) and mapping:
                 _passthrough_nested(builder, key, key, value, mapping)

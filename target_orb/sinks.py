@@ -74,6 +74,12 @@ class OrbSink(BatchSink):
         self._now = datetime.datetime.now(_UTC)
         self._now_at = time.monotonic()
         super().__init__(target, stream_name, schema, key_properties)
+        self._max_size = self.max_size  # config-only; read once, not per record
+
+    @property
+    @override
+    def is_full(self) -> bool:
+        return self._batch_records_read >= self._max_size
 
     @property
     @override

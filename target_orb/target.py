@@ -10,7 +10,6 @@ import threading
 import typing as t
 
 from singer_sdk import Target
-from singer_sdk.contrib.msgspec import MsgSpecReader
 from singer_sdk.exceptions import ConfigValidationError
 from singer_sdk.helpers.capabilities import PluginCapabilities, TargetCapabilities
 from singer_sdk.mapper import SameRecordTransform
@@ -30,6 +29,7 @@ from target_orb.errors import (
 )
 from target_orb.pipeline import Pipeline
 from target_orb.ratelimit import RateLimiter
+from target_orb.reader import OrbMessageReader
 from target_orb.settings import (
     CONFIG_SCHEMA,
     build_delivery_settings,
@@ -135,7 +135,7 @@ class TargetOrb(Target):
     package_name = "target-orb"
     config_jsonschema = CONFIG_SCHEMA
     default_sink_class = OrbSink
-    message_reader_class = MsgSpecReader
+    message_reader_class = OrbMessageReader
     # No `schema-flattening`: it would turn `properties.x` into `properties__x` keys.
     capabilities: t.ClassVar[list] = [  # type: ignore[misc]
         PluginCapabilities.ABOUT,
@@ -208,12 +208,13 @@ class TargetOrb(Target):
         if sink is None or type(record) is not dict:
             super()._process_record_message(message_dict)
             return
-        context = sink._get_context(record)  # noqa: SLF001
+        context = sink._pending_batch or sink._get_context(record)  # noqa: SLF001
         if sink._validator is not None:  # noqa: SLF001
             sink._validate_and_parse(record)  # noqa: SLF001
-        if sink.key_properties:
+        if sink._key_properties:  # noqa: SLF001
             sink._singer_validate_message(record)  # noqa: SLF001
-        sink.tally_record_read()
+        sink._total_records_read += 1  # noqa: SLF001 - tally_record_read(), inlined
+        sink._batch_records_read += 1  # noqa: SLF001
         sink.process_record(record, context)
         sink.record_counter_metric.increment()
         if sink.is_full:
