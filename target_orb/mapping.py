@@ -401,7 +401,9 @@ def _idempotency_key(value: t.Any) -> str | None:
 _WINDOW_CACHE: list[t.Any] = [None, None, None]
 
 
-def _window(now: datetime.datetime, spec: MappingSpec) -> tuple[datetime.datetime, datetime.datetime]:
+def _window(
+    now: datetime.datetime, spec: MappingSpec
+) -> tuple[datetime.datetime, datetime.datetime]:
     """Oldest and newest acceptable event times; cached while `now` and `spec` are unchanged
     (callers pass the same `now` object for many records)."""
     cache = _WINDOW_CACHE

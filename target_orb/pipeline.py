@@ -266,7 +266,9 @@ class Pipeline:
                 continue
             try:
                 self._deliver(batch)
-            except BaseException as exc:
+            # Whatever a delivery thread meets is handed to the reading thread, which
+            # re-raises it: nothing is swallowed.
+            except BaseException as exc:  # noqa: BLE001
                 self._fail(exc)
 
     def _deliver(self, batch: _Batch) -> None:

@@ -90,7 +90,7 @@ def _show(value: object) -> str:
         return f"<int of {value.bit_length()} bits>"
     try:
         shown = repr(value)
-    except Exception:  # a foreign object's broken __repr__ must not mask the real error
+    except Exception:  # noqa: BLE001 - any repr() failure falls back to the type name
         return f"<{type(value).__name__} object>"
     if len(shown) > _MAX_SHOWN:
         shown = shown[: _MAX_SHOWN - 3] + "..."
