@@ -56,6 +56,9 @@ class DeliveryResult:
 
     accepted: list[int] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    # Events that were in an attempt with no clear answer (timeout, reset, 5xx): Orb may
+    # have stored them even if a later attempt rejected them.
+    ambiguous: set[int] = field(default_factory=set)
     retries: int = 0
     requests: int = 0
 
@@ -155,6 +158,15 @@ class Deliverer:
                 raise OrbFatalError(self._fatal_message(response, len(part)))
             else:  # QUARANTINE: 400 and other non-retryable 4xx
                 self._quarantine(events, part, response, result, stack)
+        if result.ambiguous and result.rejected:
+            note = (
+                " (an earlier attempt got no clear answer, so Orb may already have this "
+                "event under the same key)"
+            )
+            result.rejected = [
+                (i, reason + note if i in result.ambiguous else reason)
+                for i, reason in result.rejected
+            ]
         return result
 
     def _quarantine(
@@ -199,7 +211,8 @@ class Deliverer:
         status = response.status
         hint = {
             401: "Check `api_key` (TARGET_ORB_API_KEY); test-mode and live keys differ.",
-            403: "The API key is not allowed to ingest events; check its permissions in Orb.",
+            403: "The API key (`api_key`) is not allowed to ingest events; check its "
+                 "permissions in Orb.",
             404: "Check `api_url` (TARGET_ORB_API_URL); it should end in /v1, e.g. "
                  "https://api.withorb.com/v1.",
         }.get(status, "")
@@ -224,10 +237,13 @@ class Deliverer:
             except TransportError as exc:
                 failure = f"{exc.kind} ({exc.detail})"
                 wait = backoff_delay(attempt, self._rand)
+                result.ambiguous.update(part)
             else:
                 if classify(response.status) is not Outcome.RETRY:
                     return response
                 failure = f"HTTP {response.status}"
+                if response.status >= 500:
+                    result.ambiguous.update(part)
                 hinted = retry_after_seconds(response.headers)
                 wait = hinted if hinted is not None else backoff_delay(attempt, self._rand)
                 if response.status == 429:

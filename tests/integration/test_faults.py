@@ -520,7 +520,7 @@ def test_persistent_400_naming_no_key_is_bisected_to_the_one_bad_event(poison_or
 
 FATAL = {
     401: "Check `api_key` (TARGET_ORB_API_KEY)",
-    403: "The API key is not allowed to ingest events",
+    403: "The API key (`api_key`) is not allowed to ingest events",
     404: "Check `api_url` (TARGET_ORB_API_URL)",
 }
 

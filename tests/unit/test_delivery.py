@@ -285,3 +285,14 @@ def test_rate_limiter_caps_requests_and_events_and_pauses_after_429():
     paused.penalize(5.0)
     paused.acquire(1)
     assert clock3.now == pytest.approx(5.0)
+
+
+def test_rejection_after_an_ambiguous_attempt_says_orb_may_have_it():
+    answers = [Response(500, {}, None), Response(413, {}, None)]
+    deliverer, _, _ = make(lambda keys, n: answers[n - 1])
+    result = deliverer.deliver(events(1))
+    assert result.accepted == []
+    assert len(result.rejected) == 1
+    assert "Orb may already have this event" in result.rejected[0][1]
+    clean, _, _ = make(lambda keys, n: Response(413, {}, None))
+    assert "may already" not in clean.deliver(events(1)).rejected[0][1]
