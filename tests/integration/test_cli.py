@@ -260,3 +260,29 @@ def test_about_with_a_config_never_shows_the_api_key(orb, tmp_path):
         assert "api_key" in proc.stdout
         assert_no_secret(proc.stdout, proc.stderr)
     assert orb.requests == []
+
+
+def test_progress_line_on_long_runs(tmp_path):
+    from target_orb.fake_orb import FakeOrb
+
+    slow = FakeOrb(api_key=API_KEY, latency_ms=400)
+    slow.start()
+    try:
+        records = [track(i) for i in range(1, 41)]
+        config = base_config(slow, tmp_path, batch_size_rows=5, max_concurrent_requests=1,
+                             progress_interval_seconds=1)
+        result = run_target(config, singer_lines(records), tmp_path)
+        quiet = run_target({**config, "progress_interval_seconds": 0},
+                           singer_lines(records[:10]), tmp_path / "quiet")
+    finally:
+        slow.stop()
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stderr.splitlines() if "Progress:" in line]
+    assert progress, result.stderr
+    assert all(
+        all(part in line for part in ("records read", "events accepted", "/s)", "pending",
+                                      "retries", "dead-lettered"))
+        for line in progress
+    )
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Progress:" not in quiet.stderr
