@@ -400,17 +400,7 @@ def normalize(value: object) -> str:
     Raises:
         TimestampError: `value` cannot be read as a timestamp.
     """
-    if type(value) is str:
-        text = value.strip()
-        match = _FAST_RE.fullmatch(text)
-        if match is not None:
-            # The input already is Orb's format up to the fraction and the designator, so
-            # skip the (comparatively slow) isoformat(); the datetime still checks ranges.
-            parsed = _from_fast_match(match, value)
-            if parsed.microsecond == 0:
-                return text[:19] + "Z"
-            return f"{text[:19]}.{parsed.microsecond:06d}Z"
-    return format_orb(to_utc(value))
+    return parse_and_format(value)[1]
 
 
 def parse_and_format(value: object) -> tuple[datetime.datetime, str]:

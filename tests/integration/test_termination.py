@@ -34,6 +34,7 @@ from tests.conftest import (
     singer_lines,
     track,
 )
+from tests.integration.test_faults import expected_event, seq_of
 
 N_RECORDS = 2000
 STATE_EVERY = 100
@@ -42,20 +43,6 @@ _FAST_DRAIN = (
     "import sys; from target_orb.target import TargetOrb; "
     "TargetOrb._MAX_RECORD_AGE_IN_MINUTES = float(sys.argv.pop(1)); TargetOrb.cli()"
 )
-
-
-def expected_event(record: dict[str, t.Any]) -> dict[str, t.Any]:
-    return {
-        "idempotency_key": record["messageId"],
-        "event_name": record["event"],
-        "external_customer_id": record["userId"],
-        "timestamp": record["timestamp"],
-        "properties": dict(record["properties"]),
-    }
-
-
-def seq_of(state: dict) -> int:
-    return state["bookmarks"]["tracks"]["seq"]
 
 
 def resume_lines(records: list[dict], start: int) -> list[str]:
