@@ -658,9 +658,18 @@ def report(args: argparse.Namespace, env: dict[str, str], *, s1: dict | None,
         noop = statistics.median(r.seconds for r in s1["runs"]["noop"])
         if orb > st["target-orb"] and noop > st["noop"]:
             steady = (noop - st["noop"]) / (orb - st["target-orb"])
-            out.append(f"Excluding it, S1's ratio would be {steady:.2f}x "
+            out.append(f"Excluding it, S1's ratio (volume config) would be {steady:.2f}x "
                        f"({n / (orb - st['target-orb']):,.0f} vs "
                        f"{n / (noop - st['noop']):,.0f} rec/s).")
+        if s2:
+            rec = s2["recommended"]
+            orb = statistics.median(r.seconds for r in s2["runs"][f"orb c={rec}"])
+            sync = statistics.median(r.seconds for r in s2["runs"]["sync"])
+            if orb > st["target-orb"] and sync > st["noop"]:
+                steady = (sync - st["noop"]) / (orb - st["target-orb"])
+                out.append(f"Excluding it, S2's ratio (volume config) would be {steady:.2f}x "
+                           "(the no-op target's start-up standing in for the sync HTTP "
+                           "target's, which imports the same SDK plus requests).")
     meta = (s1 or s2 or {}).get("meta")
     if meta:
         out.append("")
