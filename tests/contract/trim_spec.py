@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tests/contract/trim_spec.py /work/shared/orb/orb-openapi.json \\
+    python tests/contract/trim_spec.py ../shared/orb/orb-openapi.json \\
         tests/contract/orb-openapi.ingest-ping.json
 
 Keeps ``openapi``, ``info``, ``servers``, the top-level ``security``,
