@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import typing as t
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from target_orb import __name__ as _pkg
 from target_orb import jsonutil
 from target_orb.delivery import Response, TransportError
 from target_orb.errors import OrbFatalError
 from target_orb.policy import orb_error_summary
 
 LOGGER = logging.getLogger("target_orb.client")
-USER_AGENT = f"{_pkg.replace('_', '-')}/0.1"
+try:
+    USER_AGENT = f"target-orb/{importlib.metadata.version('target-orb')}"
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    USER_AGENT = "target-orb"
 CONNECT_TIMEOUT_CAP = 10.0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import typing as t
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from singer_sdk import typing as th
@@ -401,7 +401,6 @@ class DeliverySettings:
     invalid_event_policy: InvalidPolicy = "dead_letter"
     dead_letter_path: str = "target-orb-dead-letter.jsonl"
     progress_interval_seconds: int = 30
-    extra: t.Mapping[str, t.Any] = field(default_factory=dict)
 
 
 def _is_loopback(host: str | None) -> bool:
