@@ -23,7 +23,7 @@ _DEC_INT64_MIN = decimal.Decimal(INT64_MIN)  # Decimal-to-Decimal compares are ~
 _DEC_INT64_MAX = decimal.Decimal(INT64_MAX)
 MAX_KEY_LENGTH = 64  # longer idempotency keys are sent as their sha256 hex (64 chars)
 _MISSING = object()
-_BLANK_CUSTOMERS = frozenset({"", "null", "undefined", "none", "nil"})
+_BLANK_CUSTOMERS = frozenset({"", "null", "undefined"})  # CONTRACT.md, case-insensitive
 
 OrbEvent = dict[str, t.Any]
 """`{"idempotency_key", "event_name", "timestamp", "properties", <customer key>}`."""
