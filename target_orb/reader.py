@@ -5,8 +5,10 @@ from __future__ import annotations
 import typing as t
 from collections import Counter, defaultdict
 
+import msgspec
 from singer_sdk.contrib.msgspec import MsgSpecReader
 from singer_sdk.contrib.msgspec import decoder as _decoder
+from singer_sdk.exceptions import InvalidInputLine
 from typing_extensions import override
 
 _TYPE = frozenset({"type"})
@@ -29,12 +31,20 @@ class OrbMessageReader(MsgSpecReader):
         stats: dict[str, int] = defaultdict(int)
         decode = _decoder.decode
         get_callback = callbacks.get
+        number = 0
         for line in file_input or self.default_input:
+            number += 1
             self._current_message = line
             try:
                 message = decode(line)
-            except Exception:  # noqa: BLE001 - the SDK's own decoding path raises the error
-                message = self.deserialize_json(line)
+            except msgspec.DecodeError as exc:
+                shown = line if len(line) <= 200 else line[:200] + "…"
+                msg = (
+                    f"Input line {number} is not a JSON Singer message ({exc}): {shown!r}. "
+                    "The tap's output is malformed; nothing after the last STATE was "
+                    "acknowledged, so a rerun resends it."
+                )
+                raise InvalidInputLine(msg) from None
             kind = message.get("type") if type(message) is dict else None
             if kind is None:
                 self.assert_line_requires(message, requires=_TYPE)

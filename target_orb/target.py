@@ -11,7 +11,12 @@ import threading
 import typing as t
 
 from singer_sdk import Target
-from singer_sdk.exceptions import ConfigValidationError
+from singer_sdk.exceptions import (
+    ConfigValidationError,
+    InvalidInputLine,
+    MissingKeyPropertiesError,
+    RecordsWithoutSchemaException,
+)
 from singer_sdk.helpers.capabilities import PluginCapabilities, TargetCapabilities
 from singer_sdk.mapper import SameRecordTransform
 from singer_sdk.plugin_base import _ConfigInput
@@ -44,7 +49,15 @@ if t.TYPE_CHECKING:
     from types import FrameType
 
 
-_EXPECTED_ERRORS = (OrbFatalError, OrbRetryExhaustedError, OrbInvalidEventError)
+_EXPECTED_ERRORS = (
+    OrbFatalError,
+    OrbRetryExhaustedError,
+    OrbInvalidEventError,
+    # Malformed Singer input: the SDK's own messages say what is wrong.
+    InvalidInputLine,
+    MissingKeyPropertiesError,
+    RecordsWithoutSchemaException,
+)
 
 
 def _tune_gc() -> None:

@@ -286,3 +286,19 @@ def test_progress_line_on_long_runs(tmp_path):
     )
     assert quiet.returncode == 0, quiet.stderr
     assert "Progress:" not in quiet.stderr
+
+
+def test_malformed_singer_input_fails_clearly_without_traceback(orb, tmp_path):
+    lines = singer_lines([track(1)], final_state=False)
+    lines.append('{"type": "RECORD", "stream": "tracks", "record": {"messageId": "m2"')
+    result = run_target(base_config(orb, tmp_path), lines, tmp_path)
+    assert result.returncode == 1
+    assert "Input line 3 is not a JSON Singer message" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+    before_schema = ['{"type": "RECORD", "stream": "tracks", "record": {"messageId": "m1"}}']
+    result = run_target(base_config(orb, tmp_path), before_schema, tmp_path / "b")
+    assert result.returncode == 1
+    assert "encountered before a corresponding schema" in result.stderr
+    assert "Traceback" not in result.stderr
