@@ -302,3 +302,13 @@ def test_malformed_singer_input_fails_clearly_without_traceback(orb, tmp_path):
     assert result.returncode == 1
     assert "encountered before a corresponding schema" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unwritable_dead_letter_file_fails_without_state(orb, tmp_path):
+    records = [track(1), track(2, userId=None)]
+    config = base_config(orb, tmp_path, dead_letter_path=str(tmp_path))  # a directory
+    result = run_target(config, singer_lines(records), tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""  # the invalid record was not durably set aside: no STATE
+    assert "dead_letter_path" in result.stderr
+    assert "Traceback" not in result.stderr
