@@ -312,3 +312,24 @@ def test_unwritable_dead_letter_file_fails_without_state(orb, tmp_path):
     assert result.stdout == ""  # the invalid record was not durably set aside: no STATE
     assert "dead_letter_path" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_schema_drift_with_validation_on_is_logged_not_fatal(orb, tmp_path):
+    schema = {
+        "type": "object",
+        "properties": {
+            "messageId": {"type": "string"}, "userId": {"type": "string"},
+            "event": {"type": "string"}, "timestamp": {"type": "string"},
+            "properties": {"type": "object", "properties": {"tokens": {"type": "integer"}}},
+        },
+    }
+    records = [track(1), track(2, properties={"tokens": "N/A", "region": "eu"})]
+    config = base_config(orb, tmp_path, validate_records=True)
+    result = run_target(config, singer_lines(records, schema=schema), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "does not match the stream schema" in result.stderr
+    assert sorted(e["idempotency_key"] for e in orb.events()) == ["m1", "m2"]
+    assert [e["properties"]["tokens"] for e in orb.events() if e["idempotency_key"] == "m2"] == [
+        "N/A"
+    ]
+    assert "Traceback" not in result.stderr

@@ -640,3 +640,28 @@ def test_nested_mapping_object_is_read_as_dotted_paths():
     assert config_problems(
         {"external_customer_id_field": "u", "properties_mapping": {"request": {"method": 1}}}
     ) != []
+
+
+@pytest.mark.parametrize(
+    "name", ["API Request ", "Öffnen 🚀", "api_request", "Order Completed"],
+    ids=["trailing-space", "unicode-emoji", "slug", "spaces"],
+)
+def test_event_names_are_sent_verbatim(name):
+    # Orb advises names without whitespace but accepts them; renaming would split a metric.
+    assert mapped(map_record(track(event=name), "s", spec(), NOW))["event_name"] == name
+
+
+def test_literal_dotted_property_key_wins_over_nested_path():
+    s = spec(properties_mapping={"a.b": "ab"})
+    record = track(properties={"a.b": "literal", "a": {"b": "nested"}})
+    assert mapped(map_record(record, "s", s, NOW))["properties"] == {"ab": "literal"}
+    nested_only = track(properties={"a": {"b": "nested"}})
+    assert mapped(map_record(nested_only, "s", s, NOW))["properties"] == {"ab": "nested"}
+
+
+def test_numeric_looking_strings_stay_strings():
+    # tap-csv and x-singer.decimal columns send numbers as strings; target-orb never guesses.
+    s = spec(properties_passthrough=True)
+    record = track(properties={"price": "12.50", "sci": "1e3"})
+    assert mapped(map_record(record, "s", s, NOW))["properties"] == {"price": "12.50",
+                                                                     "sci": "1e3"}
