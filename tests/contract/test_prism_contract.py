@@ -22,6 +22,8 @@ from typing import Any
 
 import requests
 
+from tests.conftest import SEGMENT_SCHEMA
+
 from .conftest import (
     API_KEY,
     PrismProxy,
@@ -48,21 +50,7 @@ PROPERTIES_MAPPING = {
     "usage": "usage",  # a nested object: flattened to usage_* keys
     "usage.minutes": "minutes",  # a dotted path into the nested object
 }
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "type": {"type": ["string", "null"]},
-        "event": {"type": ["string", "null"]},
-        "messageId": {"type": ["string", "null"]},
-        "userId": {"type": ["string", "null"]},
-        "anonymousId": {"type": ["string", "null"]},
-        "timestamp": {"type": ["string", "null"], "format": "date-time"},
-        "properties": {"type": ["object", "null"], "additionalProperties": True},
-        "integrations": {"type": ["object", "null"], "additionalProperties": True},
-        "context": {"type": ["object", "null"], "additionalProperties": True},
-    },
-    "additionalProperties": True,
-}
+SCHEMA = SEGMENT_SCHEMA
 
 
 def _ts(dt: datetime, variant: int) -> str:
