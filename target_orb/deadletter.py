@@ -59,6 +59,24 @@ class DeadLetterWriter:
         self.count = 0
         self._lock = threading.Lock()
 
+    def check_writable(self) -> str | None:
+        """Say what is wrong with the path before any record is read, or None.
+
+        Returns:
+            A message naming the setting, or None when the file can be appended to.
+        """
+        path = os.path.abspath(self.path)
+        if os.path.isdir(path):
+            return f"`dead_letter_path` {self.path!r} is a directory; name a file in it."
+        parent = os.path.dirname(path)
+        existing = parent
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        target = path if os.path.exists(path) else existing
+        if not os.access(target, os.W_OK):
+            return f"`dead_letter_path` {self.path!r} is not writable; choose another file."
+        return None
+
     def write(self, entries: t.Sequence[DeadLetterEntry]) -> None:
         """Append the lines, flush and fsync.
 

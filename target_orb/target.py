@@ -120,10 +120,17 @@ class _Runtime:
         )
 
     def ensure_started(self) -> None:
-        """Ping Orb once (never in dry-run mode)."""
+        """Check the dead-letter path, then ping Orb once (never in dry-run mode).
+
+        Raises:
+            OrbFatalError: The dead-letter file cannot be written, or the ping failed.
+        """
         if self._started:
             return
         self._started = True
+        problem = self.dead_letters.check_writable()
+        if problem is not None:
+            raise OrbFatalError(problem + " Nothing was read or sent.")
         if self.client is not None:
             self.client.ping()
         else:

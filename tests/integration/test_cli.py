@@ -309,9 +309,11 @@ def test_unwritable_dead_letter_file_fails_without_state(orb, tmp_path):
     config = base_config(orb, tmp_path, dead_letter_path=str(tmp_path))  # a directory
     result = run_target(config, singer_lines(records), tmp_path)
     assert result.returncode == 1
-    assert result.stdout == ""  # the invalid record was not durably set aside: no STATE
-    assert "dead_letter_path" in result.stderr
+    assert result.stdout == ""  # the invalid record could not be durably set aside: no STATE
+    assert "`dead_letter_path`" in result.stderr
+    assert "is a directory" in result.stderr
     assert "Traceback" not in result.stderr
+    assert orb.requests == []  # found at start, before the ping
 
 
 def test_schema_drift_with_validation_on_is_logged_not_fatal(orb, tmp_path):
