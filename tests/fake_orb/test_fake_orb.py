@@ -797,18 +797,23 @@ def _fake_orb_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "target_orb.fake_orb", *args]
 
 
-def test_cli_runs_command_and_prints_summary(tmp_path: Path) -> None:
-    out = tmp_path / "events.jsonl"
-    proc = subprocess.run(
-        _fake_orb_cmd(
-            "--api-key", "cli-key", "--events-out", str(out), "--", sys.executable, "-c", CHILD
-        ),
+def _run_fake_orb(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the fake-orb CLI to completion (bounded), capturing its output as text."""
+    return subprocess.run(
+        _fake_orb_cmd(*args),
         check=False,
         capture_output=True,
         text=True,
         timeout=30,
         cwd=REPO_ROOT,
         env=_cli_env(),
+    )
+
+
+def test_cli_runs_command_and_prints_summary(tmp_path: Path) -> None:
+    out = tmp_path / "events.jsonl"
+    proc = _run_fake_orb(
+        "--api-key", "cli-key", "--events-out", str(out), "--", sys.executable, "-c", CHILD
     )
     assert proc.returncode == 3, proc.stderr
     assert "child got 200" in proc.stdout
@@ -824,28 +829,12 @@ def test_cli_runs_command_and_prints_summary(tmp_path: Path) -> None:
 
 
 def test_cli_command_timeout_and_missing_command() -> None:
-    slow = subprocess.run(
-        _fake_orb_cmd(
-            "--max-seconds", "0.5", "--", sys.executable, "-c", "import time; time.sleep(30)"
-        ),
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=REPO_ROOT,
-        env=_cli_env(),
+    slow = _run_fake_orb(
+        "--max-seconds", "0.5", "--", sys.executable, "-c", "import time; time.sleep(30)"
     )
     assert slow.returncode == 124
     assert "events landed: 0" in slow.stdout
-    missing = subprocess.run(
-        _fake_orb_cmd("--", "definitely-not-a-command-xyz"),
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=REPO_ROOT,
-        env=_cli_env(),
-    )
+    missing = _run_fake_orb("--", "definitely-not-a-command-xyz")
     assert missing.returncode == 127
 
 
@@ -883,15 +872,7 @@ def test_cli_serve_mode_until_sigterm(tmp_path: Path) -> None:
 
 
 def test_cli_serve_mode_max_seconds() -> None:
-    proc = subprocess.run(
-        _fake_orb_cmd("--max-seconds", "0.2"),
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=REPO_ROOT,
-        env=_cli_env(),
-    )
+    proc = _run_fake_orb("--max-seconds", "0.2")
     assert proc.returncode == 0
     assert proc.stdout.startswith("http://127.0.0.1:")
     assert "events landed: 0" in proc.stdout
