@@ -64,9 +64,19 @@ class OrbClient:
         )
         self._session = session
 
-    def _request(self, method: str, url: str, data: bytes | None = None) -> Response:
+    def _request(
+        self,
+        method: str,
+        url: str,
+        data: bytes | None = None,
+        *,
+        params: t.Mapping[str, str] | None = None,
+        headers: t.Mapping[str, str] | None = None,
+    ) -> Response:
         try:
-            raw = self._session.request(method, url, data=data, timeout=self._timeout)
+            raw = self._session.request(
+                method, url, data=data, params=params, headers=headers, timeout=self._timeout
+            )
         except requests.exceptions.ConnectTimeout as exc:
             raise TransportError("connect timeout", type(exc).__name__) from None
         except requests.exceptions.ReadTimeout as exc:
@@ -80,18 +90,59 @@ class OrbClient:
             raise TransportError("connection error", type(exc).__name__) from None
         return Response(status=raw.status_code, headers=dict(raw.headers), body=_decode(raw))
 
-    def post_ingest(self, body: bytes, count: int) -> Response:
+    def post_ingest(self, body: bytes, count: int, backfill_id: str | None = None) -> Response:
         """POST one ingest request.
 
         Args:
             body: The encoded `{"events": [...]}`.
             count: Number of events (for debug logs).
+            backfill_id: Ingest into this backfill (`?backfill_id=`) instead of live.
 
         Returns:
             The response.
         """
         LOGGER.debug("POST %s (%d events, %d bytes)", self.ingest_url, count, len(body))
-        return self._request("POST", self.ingest_url, body)
+        params = {"backfill_id": backfill_id} if backfill_id is not None else None
+        return self._request("POST", self.ingest_url, body, params=params)
+
+    def url(self, path: str) -> str:
+        """`{api_url}{path}`; `path` starts with `/` and has its variable parts URL-encoded.
+
+        Args:
+            path: E.g. `/events/backfills`.
+
+        Returns:
+            The absolute URL.
+        """
+        return f"{self.api_url}{path}"
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: t.Any = None,
+        params: t.Mapping[str, str] | None = None,
+        headers: t.Mapping[str, str] | None = None,
+    ) -> Response:
+        """One attempt at any other Orb endpoint (no retries: wrap in `Deliverer.request`).
+
+        Args:
+            method: HTTP method.
+            path: Path under `api_url`, variable parts already URL-encoded.
+            body: JSON-encodable body (Decimal-safe), or None for no body.
+            params: Query parameters.
+            headers: Extra headers (e.g. `Idempotency-Key`).
+
+        Returns:
+            The response.
+
+        Raises:
+            TransportError: No HTTP answer.
+        """
+        data = jsonutil.dumps(body) if body is not None else None
+        LOGGER.debug("%s %s", method, self.url(path))
+        return self._request(method, self.url(path), data, params=params, headers=headers)
 
     def ping(self) -> None:
         """GET /ping: fail fast on a wrong key or URL.

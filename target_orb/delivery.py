@@ -225,47 +225,120 @@ class Deliverer:
     def _send_with_retries(
         self, events: t.Sequence[dict[str, t.Any]], part: list[int], result: DeliveryResult
     ) -> Response:
-        """Send one request, retrying retryable failures inside the time budget."""
+        """Send one ingest request, retrying retryable failures inside the time budget."""
         body = jsonutil.dumps({"events": [events[i] for i in part]})
+        send = self._send
+        count = len(part)
+
+        def attempt() -> Response:
+            result.requests += 1
+            return send(body, count)
+
+        def ambiguous() -> None:
+            result.ambiguous.update(part)
+
+        return self._retrying(
+            attempt,
+            what=f"POST {self._url}",
+            items=f"{count} events",
+            limiter=self._limiter,
+            weight=count,
+            on_ambiguous=ambiguous,
+            on_retry=self._count_retry(result),
+        )
+
+    def request(
+        self,
+        send_once: t.Callable[[], Response],
+        *,
+        what: str,
+        limiter: Limiter | None = None,
+    ) -> Response:
+        """Send one request other than ingest (backfills, search, customers, amendments).
+
+        Same rules as ingest: connection errors, timeouts, 408/409/429/5xx are retried with
+        backoff and jitter inside `max_retry_seconds`, Retry-After is honoured; the first
+        answer that is not retryable is returned for the caller to interpret.
+
+        Args:
+            send_once: Makes one attempt (raises TransportError when no answer came).
+            what: `METHOD URL` for messages (no secrets, no personal data).
+            limiter: The client-side budget this request draws from (one unit per attempt).
+
+        Returns:
+            The first non-retryable response.
+
+        Raises:
+            OrbRetryExhaustedError: The retry budget ran out.
+            DeliveryAbortedError: Shutdown was requested while waiting to retry.
+        """
+        return self._retrying(
+            send_once,
+            what=what,
+            items="the request",
+            limiter=limiter or _NoLimit(),
+            weight=0,
+            on_ambiguous=None,
+            on_retry=self._on_retry,
+        )
+
+    def _count_retry(self, result: DeliveryResult) -> t.Callable[[], None]:
+        def count() -> None:
+            result.retries += 1
+            if self._on_retry is not None:
+                self._on_retry()
+
+        return count
+
+    def _retrying(
+        self,
+        send_once: t.Callable[[], Response],
+        *,
+        what: str,
+        items: str,
+        limiter: Limiter,
+        weight: int,
+        on_ambiguous: t.Callable[[], None] | None,
+        on_retry: t.Callable[[], None] | None,
+    ) -> Response:
         started = self._clock()
         attempt = 0
         while True:
-            self._limiter.acquire(len(part))
-            result.requests += 1
+            limiter.acquire(weight)
             try:
-                response = self._send(body, len(part))
+                response = send_once()
             except TransportError as exc:
                 failure = f"{exc.kind} ({exc.detail})"
                 wait = backoff_delay(attempt, self._rand)
-                result.ambiguous.update(part)
+                if on_ambiguous is not None:
+                    on_ambiguous()
             else:
                 if classify(response.status) is not Outcome.RETRY:
                     return response
                 failure = f"HTTP {response.status}"
-                if response.status >= 500:
-                    result.ambiguous.update(part)
+                if response.status >= 500 and on_ambiguous is not None:
+                    on_ambiguous()
                 hinted = retry_after_seconds(response.headers)
                 wait = hinted if hinted is not None else backoff_delay(attempt, self._rand)
                 if response.status == 429:
-                    self._limiter.penalize(wait)
+                    limiter.penalize(wait)
             elapsed = self._clock() - started
             if elapsed + wait > self._budget:
                 msg = (
-                    f"Orb did not accept {len(part)} events after {attempt + 1} attempts over "
-                    f"{elapsed:.0f} s (last: {failure} from POST {self._url}); the retry budget "
-                    f"`max_retry_seconds` ({self._budget:g} s) is spent. These events are "
-                    "unacknowledged and no STATE was written past them; rerun to resend them "
-                    "under the same idempotency keys."
+                    f"Orb did not accept {items} after {attempt + 1} attempts over "
+                    f"{elapsed:.0f} s (last: {failure} from {what}); the retry budget "
+                    f"`max_retry_seconds` ({self._budget:g} s) is spent. Nothing after this "
+                    "point is acknowledged and no STATE was written past it; rerun to resend "
+                    "(same idempotency keys)."
                 )
                 raise OrbRetryExhaustedError(msg)
             LOGGER.warning(
-                "Orb request failed: %s for %d events (attempt %d); retrying in %.2f s.",
-                failure, len(part), attempt + 1, wait,
+                "Orb request failed: %s for %s (%s, attempt %d); retrying in %.2f s.",
+                failure, items, what, attempt + 1, wait,
             )
             attempt += 1
-            result.retries += 1
-            if self._on_retry is not None:
-                self._on_retry()
+            if on_retry is not None:
+                on_retry()
             if self._sleep(wait):
                 msg = "delivery aborted while waiting to retry"
                 raise DeliveryAbortedError(msg)

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import typing as t
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from target_orb import jsonutil
 from target_orb.deadletter import DeadLetterEntry, DeadLetterWriter, entry
@@ -27,11 +27,30 @@ LOGGER = logging.getLogger("target_orb.pipeline")
 
 
 @dataclass(slots=True)
+class JobResult:
+    """What one unit of delivery work settled: acknowledged items and dead-letter lines.
+
+    `rejected` entries go through `invalid_event_policy` (dead-lettered, skipped or fatal)
+    before the job counts as settled, so STATE never passes an item that is neither
+    acknowledged nor durably set aside.
+    """
+
+    accepted: int = 0  # Orb events acknowledged (live or backfill); other work counts its own
+    rejected: list[DeadLetterEntry] = field(default_factory=list)
+    requests: int = 0
+
+
+Job = t.Callable[[], JobResult]
+"""A unit of delivery work run on a delivery thread (an ingest request, a backfill load,
+customer updates…); raising fails the run, returning settles it."""
+
+
+@dataclass(slots=True)
 class _Batch:
     seq: int
     stream: str
-    events: list[dict[str, t.Any]]
-    records: list[t.Any]
+    job: Job
+    count: int
 
 
 class Pipeline:
@@ -172,6 +191,25 @@ class Pipeline:
                 self._ingest_url, len(events), jsonutil.dumps_str({"events": events}),
             )
             return
+        with self._stats.lock:
+            self._stats.events_sent += len(events)
+        self.submit_job(stream, self._ingest_job(stream, events, records), len(events))
+
+    def submit_job(self, stream: str, job: Job, count: int) -> None:
+        """Queue one unit of delivery work behind the STATE gate.
+
+        STATE offered after this call is written only once `job` returned and its
+        rejected entries were handled; a job that raises fails the run. Blocks while
+        `max_in_flight` jobs are in flight. Jobs run concurrently on the delivery threads:
+        work that must stay ordered (two updates of one customer, one backfill window)
+        orders itself.
+
+        Args:
+            stream: Stream name (for messages).
+            job: The work; returns what was acknowledged and what was rejected.
+            count: Items the job carries (counted as pending until it settles).
+        """
+        self.raise_if_failed()
         if not self._workers:
             self._start_threads()
         with self._cond:
@@ -182,9 +220,25 @@ class Pipeline:
             seq = self._seq
             self._in_flight += 1
             self._unsettled.add(seq)
-            self._stats.pending += len(events)
-            self._stats.events_sent += len(events)
-        self._queue.put(_Batch(seq, stream, events, records))
+            with self._stats.lock:
+                self._stats.pending += count
+        self._queue.put(_Batch(seq, stream, job, count))
+
+    def _ingest_job(
+        self, stream: str, events: list[dict[str, t.Any]], records: list[t.Any]
+    ) -> Job:
+        deliverer = self._deliverer
+        assert deliverer is not None
+
+        def run() -> JobResult:
+            result = deliverer.deliver(events)
+            rejected = [
+                entry(stream, records[i], reason, "orb", events[i])
+                for i, reason in result.rejected
+            ]
+            return JobResult(len(result.accepted), rejected, result.requests)
+
+        return run
 
     def offer_state(self, state: dict) -> None:
         """Write `state` once every request submitted so far is settled.
@@ -272,21 +326,16 @@ class Pipeline:
                 self._fail(exc)
 
     def _deliver(self, batch: _Batch) -> None:
-        assert self._deliverer is not None
-        result = self._deliverer.deliver(batch.events)
-        rejected = [
-            entry(batch.stream, batch.records[i], reason, "orb", batch.events[i])
-            for i, reason in result.rejected
-        ]
-        if rejected:
-            self._apply_policy(batch.stream, rejected)
+        result = batch.job()
+        if result.rejected:
+            self._apply_policy(batch.stream, result.rejected)
         with self._cond:
             stats = self._stats
             with stats.lock:
-                stats.events_accepted += len(result.accepted)
-                stats.rejected_by_orb += len(result.rejected)
+                stats.events_accepted += result.accepted
+                stats.rejected_by_orb += sum(1 for e in result.rejected if e["source"] == "orb")
                 stats.requests += result.requests
-                stats.pending -= len(batch.events)
+                stats.pending -= batch.count
             self._in_flight -= 1
             self._unsettled.discard(batch.seq)
             self._emit_ready()

@@ -88,6 +88,10 @@ class _Runtime:
         self._derived_warned = False
         deliverer = None
         s = self.settings
+        # Orb budgets each kind of call separately (reference/orb-api.md §2.8): ingest, other
+        # writes (backfill create/close, customer updates, amend/deprecate) and reads (search).
+        self.write_limiter = RateLimiter()
+        self.read_limiter = RateLimiter()
         if not s.dry_run:
             self.client = OrbClient(
                 s.api_url, config["api_key"], timeout=s.request_timeout,
@@ -106,6 +110,8 @@ class _Runtime:
                 limiter=limiter,
                 on_retry=self.stats.add_retry,
             )
+        # Retries for every Orb call (`deliverer.request` for calls other than ingest).
+        self.deliverer: Deliverer | None = deliverer
         self.pipeline = Pipeline(
             deliverer=deliverer,
             dead_letters=self.dead_letters,
