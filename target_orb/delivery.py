@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import typing as t
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class Deliverer:
         url: str,
         max_retry_seconds: float,
         clock: t.Callable[[], float] = time.monotonic,
+        abort: threading.Event | None = None,
         sleep: t.Callable[[float], bool] | None = None,
         rand: t.Callable[[], float] = random.random,
         limiter: Limiter | None = None,
@@ -100,7 +102,10 @@ class Deliverer:
             url: The ingest URL, for messages.
             max_retry_seconds: Time budget for retrying one request.
             clock: Monotonic seconds.
-            sleep: Waits; returns True when delivery must abort (shutdown).
+            abort: The run's abort signal (shared with the pipeline): a retry wait ends
+                at once, with DeliveryAbortedError, when it is set.
+            sleep: Waits; returns True when delivery must abort. Default: `abort.wait`
+                (or a plain sleep without `abort`); tests inject a fake clock's.
             rand: Uniform [0, 1) for jitter.
             limiter: Shared client-side rate limiter.
             on_retry: Called once per retry (for counters).
@@ -109,7 +114,9 @@ class Deliverer:
         self._url = url
         self._budget = max_retry_seconds
         self._clock = clock
-        self._sleep = sleep or (lambda s: time.sleep(s) or False)  # type: ignore[func-returns-value]
+        if sleep is None:
+            sleep = (abort or threading.Event()).wait
+        self._sleep = sleep
         self._rand = rand
         self._limiter = limiter or _NoLimit()
         self._on_retry = on_retry

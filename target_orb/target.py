@@ -31,6 +31,7 @@ from target_orb.errors import (
     OrbFatalError,
     OrbInvalidEventError,
     OrbRetryExhaustedError,
+    StateWriteError,
     TerminatedError,
 )
 from target_orb.pipeline import Pipeline
@@ -53,6 +54,7 @@ _EXPECTED_ERRORS = (
     OrbFatalError,
     OrbRetryExhaustedError,
     OrbInvalidEventError,
+    StateWriteError,
     # Malformed Singer input: the SDK's own messages say what is wrong.
     InvalidInputLine,
     MissingKeyPropertiesError,
@@ -88,6 +90,9 @@ class _Runtime:
         self._derived_warned = False
         deliverer = None
         s = self.settings
+        # One abort signal for the run: set on the first delivery failure and on close, it
+        # ends every retry wait (ingest and other calls) at once.
+        self.abort = threading.Event()
         # Orb budgets each kind of call separately (reference/orb-api.md §2.8): ingest, other
         # writes (backfill create/close, customer updates, amend/deprecate) and reads (search).
         self.write_limiter = RateLimiter()
@@ -105,8 +110,7 @@ class _Runtime:
                 self.client.post_ingest,
                 url=self.client.ingest_url,
                 max_retry_seconds=s.max_retry_seconds,
-                # The pipeline is built below; bind late.
-                sleep=lambda seconds: self.pipeline.sleep(seconds),  # noqa: PLW0108
+                abort=self.abort,
                 limiter=limiter,
                 on_retry=self.stats.add_retry,
             )
@@ -119,11 +123,13 @@ class _Runtime:
             invalid_policy=s.invalid_event_policy,
             max_in_flight=s.max_concurrent_requests,
             state_writer=target.write_state_line,
+            abort=self.abort,
             dry_run=s.dry_run,
             ingest_url=f"{s.api_url}/ingest",
             interrupt_main_on_failure=target.is_cli_run,
             progress_interval=s.progress_interval_seconds,
         )
+        self._summarized = False
 
     def ensure_started(self) -> None:
         """Check the dead-letter path, then ping Orb once (never in dry-run mode).
@@ -153,7 +159,27 @@ class _Runtime:
                 stream, self.spec.idempotency_key_field,
             )
 
-    def summary(self, *, failed: bool) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the delivery threads and the HTTP client (idempotent); the one way down.
+
+        Args:
+            timeout: Seconds to wait for each delivery thread.
+        """
+        self.pipeline.close(timeout)
+        if self.client is not None:
+            self.client.close()
+
+    def finish(self, *, failed: bool, timeout: float = 5.0) -> None:
+        """End the run: close, then log the summary once.
+
+        Args:
+            failed: Mark the summary as the summary of a failed run.
+            timeout: Seconds to wait for each delivery thread.
+        """
+        self.close(timeout)
+        if self._summarized:
+            return
+        self._summarized = True
         text = self.stats.summary(
             dead_letter_path=self.dead_letters.path,
             dry_run=self.settings.dry_run,
@@ -161,11 +187,6 @@ class _Runtime:
         )
         self.logger.info(text)
         self.logger.info("target-orb metrics: %s", jsonutil.dumps_str(self.stats.as_dict()))
-
-    def shutdown(self, timeout: float = 5.0) -> None:
-        self.pipeline.close(timeout)
-        if self.client is not None:
-            self.client.close()
 
 
 class TargetOrb(Target):
@@ -289,7 +310,7 @@ class TargetOrb(Target):
     def process_endofpipe(self) -> None:
         super().process_endofpipe()
         self.runtime.pipeline.wait_all()
-        self.runtime.pipeline.close()
+        self.runtime.close()
 
     @override
     def _handle_termination(self, signum: int, frame: FrameType | None) -> None:
@@ -326,7 +347,8 @@ class TargetOrb(Target):
             sys.exit(0)
         cls.is_cli_run = True
         target: TargetOrb | None = None
-        failed = True
+        exit_code = 1  # stays 1 for an unexpected exception (a bug: its traceback is kept)
+        message: str | None = None
         try:
             config = config or _ConfigInput()
             cls.print_version(print_fn=cls.logger.info)
@@ -336,22 +358,49 @@ class TargetOrb(Target):
             target.runtime.ensure_started()
             _tune_gc()
             target.listen(file_input)
-            failed = False
+            exit_code = 0
         except _EXPECTED_ERRORS as exc:
-            cls._fail(target, str(exc))
+            message = str(exc)
         except DeliveryAbortedError:
-            cls._fail(target, "delivery was aborted")
+            message = "delivery was aborted"
         except TerminatedError as exc:
-            cls._terminated(target, exc.signum)
+            exit_code = 128 + int(exc.signum)
         except KeyboardInterrupt:
-            cls._terminated(target, signal.SIGINT)
+            exit_code = 128 + int(signal.SIGINT)
         except OSError as exc:
-            cls._fail(target, f"I/O error: {exc}. Check `dead_letter_path` and disk space.")
+            message = f"I/O error: {exc}. Check `dead_letter_path` and disk space."
         finally:
-            cls._ignore_signals()
-            if target is not None:
-                target.runtime.summary(failed=failed)
-                target.runtime.shutdown()
+            cls._finish(target, exit_code, message)
+
+    @classmethod
+    def _finish(cls, target: TargetOrb | None, exit_code: int, message: str | None) -> None:
+        """The one end of a CLI run: report, close the runtime, log the summary, exit.
+
+        A failed or interrupted run leaves with `os._exit`, so a delivery thread stuck in
+        a request cannot hold the process; a success returns to the SDK's CLI.
+        """
+        cls._ignore_signals()
+        pending = target.runtime.pipeline.unacknowledged if target is not None else 0
+        if message is not None:
+            cls.logger.error("target-orb failed: %s", message)
+            if pending:
+                cls.logger.error(
+                    "%d events were in flight and are unacknowledged; no STATE covers them. "
+                    "A rerun resends them under the same idempotency keys (Orb deduplicates).",
+                    pending,
+                )
+        elif exit_code > 128:
+            cls.logger.error(
+                "Stopped by signal %d. %d events in flight were not acknowledged and no STATE "
+                "covers them or anything after them; rerun to resend (same idempotency keys).",
+                exit_code - 128, pending,
+            )
+        if target is not None:
+            target.runtime.finish(failed=exit_code != 0, timeout=5.0 if exit_code == 0 else 1.0)
+        if exit_code != 0 and (message is not None or exit_code > 128):
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(exit_code)
 
     @staticmethod
     def _ignore_signals() -> None:
@@ -360,37 +409,3 @@ class TargetOrb(Target):
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_IGN)
-
-    @classmethod
-    def _fail(cls, target: TargetOrb | None, message: str) -> t.NoReturn:
-        cls._ignore_signals()
-        pending = target.runtime.pipeline.unacknowledged if target else 0
-        cls.logger.error("target-orb failed: %s", message)
-        if pending:
-            cls.logger.error(
-                "%d events were in flight and are unacknowledged; no STATE covers them. A "
-                "rerun resends them under the same idempotency keys (Orb deduplicates).",
-                pending,
-            )
-        if target is not None:
-            target.runtime.summary(failed=True)
-            target.runtime.shutdown(timeout=1.0)
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(1)
-
-    @classmethod
-    def _terminated(cls, target: TargetOrb | None, signum: int) -> t.NoReturn:
-        cls._ignore_signals()
-        pending = target.runtime.pipeline.unacknowledged if target else 0
-        cls.logger.error(
-            "Stopped by signal %d. %d events in flight were not acknowledged and no STATE "
-            "covers them or anything after them; rerun to resend (same idempotency keys).",
-            signum, pending,
-        )
-        if target is not None:
-            target.runtime.summary(failed=True)
-            target.runtime.shutdown(timeout=1.0)
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(128 + int(signum))
