@@ -10,16 +10,12 @@ import sys
 import threading
 import typing as t
 
-from singer_sdk import Target
 from singer_sdk.exceptions import (
-    ConfigValidationError,
     InvalidInputLine,
     MissingKeyPropertiesError,
     RecordsWithoutSchemaException,
 )
 from singer_sdk.helpers.capabilities import PluginCapabilities, TargetCapabilities
-from singer_sdk.mapper import SameRecordTransform
-from singer_sdk.plugin_base import _ConfigInput
 from typing_extensions import override
 
 from target_orb import jsonutil
@@ -36,13 +32,13 @@ from target_orb.errors import (
 )
 from target_orb.pipeline import Pipeline
 from target_orb.ratelimit import RateLimiter
-from target_orb.reader import OrbMessageReader
+from target_orb.sdk_seam import SeamMessageReader, SeamTarget
 from target_orb.settings import (
     CONFIG_SCHEMA,
     build_delivery_settings,
     build_mapping_spec,
-    config_problems,
 )
+from target_orb.settings import config_problems as cross_field_problems
 from target_orb.sinks import OrbSink
 from target_orb.stats import RunStats
 
@@ -189,14 +185,14 @@ class _Runtime:
         self.logger.info("target-orb metrics: %s", jsonutil.dumps_str(self.stats.as_dict()))
 
 
-class TargetOrb(Target):
+class TargetOrb(SeamTarget):
     """Singer target that sends Segment-shaped Track events to Orb's usage-event ingestion."""
 
     name = "target-orb"
     package_name = "target-orb"
     config_jsonschema = CONFIG_SCHEMA
     default_sink_class = OrbSink
-    message_reader_class = OrbMessageReader
+    message_reader_class = SeamMessageReader
     # No `schema-flattening`: it would turn `properties.x` into `properties__x` keys.
     capabilities: t.ClassVar[list] = [  # type: ignore[misc]
         PluginCapabilities.ABOUT,
@@ -204,35 +200,56 @@ class TargetOrb(Target):
         PluginCapabilities.STRUCTURED_LOGGING,
         TargetCapabilities.VALIDATE_RECORDS,
     ]
-    # The SDK drains every sink (and so offers STATE) this often while records arrive.
-    # STATE itself is written as soon as Orb acknowledged what precedes it.
-    _MAX_RECORD_AGE_IN_MINUTES = 1.0
     is_cli_run = False
+    cli_target: t.ClassVar[TargetOrb | None] = None
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         """Validate the config, then build the shared runtime.
+
+        In a CLI run, also check the dead-letter path and ping Orb, so a wrong key or URL
+        fails before any input is read.
 
         Args:
             args: Passed to the SDK.
             kwargs: Passed to the SDK.
         """
         self._stdout_lock = threading.Lock()
-        self._fast_sinks: dict[str, OrbSink] = {}
         super().__init__(*args, **kwargs)
         # process_batch only queues work, so parallel drains would add nothing.
         self.max_parallelism = 1
         self.runtime = _Runtime(self)
+        # Replace the SDK's handlers (they drain and exit 0, which can write STATE for an
+        # unfinished batch or hide a failure: sdk#3775).
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, self._on_signal)
+        if self.is_cli_run:
+            type(self).cli_target = self
+            self.runtime.ensure_started()
+            _tune_gc()
+
+    # -- the seam's hooks (target_orb/sdk_seam.py) -----------------------------------------
 
     @override
-    def _validate_config(self, *, raise_errors: bool = True) -> list[str]:
-        """Schema errors and cross-field problems, reported together in one error."""
-        errors = super()._validate_config(raise_errors=False)
-        errors += config_problems(self._config)
-        if errors and raise_errors:
-            raise ConfigValidationError(
-                "Config validation failed", errors=errors, schema=self.config_jsonschema
-            )
-        return errors
+    def config_problems(self) -> list[str]:
+        return cross_field_problems(self.config)
+
+    @override
+    def offer_state(self, state: dict) -> None:
+        # drain_all calls this after queueing every sink's batch: hold it until acked.
+        self.runtime.pipeline.offer_state(state)
+
+    @override
+    def before_schema(self) -> None:
+        self.runtime.ensure_started()
+
+    @override
+    def raise_if_delivery_failed(self) -> None:
+        pipeline = self.runtime.pipeline
+        if pipeline.error is not None:
+            pipeline.raise_if_failed()
+
+    # -- public SDK hooks ------------------------------------------------------------------
 
     def write_state_line(self, state: dict) -> None:
         """Write one STATE line (Decimal-safe, unlike the SDK's json.dumps: sdk#3787).
@@ -246,118 +263,46 @@ class TargetOrb(Target):
             sys.stdout.flush()
 
     @override
-    def _write_state_message(self, state: dict) -> None:
-        # drain_all calls this after queueing every sink's batch: hold it until acked.
-        self.runtime.pipeline.offer_state(state)
-
-    @override
-    def _process_record_message(self, message_dict: dict) -> None:
-        """The SDK's record path, minus the work that is a no-op for target-orb.
-
-        For a stream with no stream map and no flattening (the usual case), the SDK's
-        shallow copy, identity transform, sink lookup and `_sdc_` stripping do nothing
-        target-orb needs (the mapping ignores `_sdc_*` keys), so this path skips them and
-        keeps every other step in the SDK's order: batch context, validation (when on),
-        key-property check, tallies, process_record, full-sink drain and max-age drain.
-        Any other stream goes through the SDK unchanged.
-        """
-        pipeline = self.runtime.pipeline
-        if pipeline.error is not None:
-            pipeline.raise_if_failed()
-        sink = self._fast_sinks.get(message_dict.get("stream"))  # type: ignore[arg-type]
-        record = message_dict.get("record")
-        if sink is None or type(record) is not dict:
-            super()._process_record_message(message_dict)
-            return
-        context = sink._pending_batch or sink._get_context(record)  # noqa: SLF001
-        if sink._validator is not None:  # noqa: SLF001
-            sink._validate_and_parse(record)  # noqa: SLF001
-        for key in sink._key_properties:  # noqa: SLF001
-            if key not in record:
-                sink._singer_validate_message(record)  # noqa: SLF001 - raises the SDK's error
-        sink._total_records_read += 1  # noqa: SLF001 - tally_record_read(), inlined
-        sink._batch_records_read += 1  # noqa: SLF001
-        sink.process_record(record, context)
-        sink.record_counter_metric.increment()
-        if sink.is_full:
-            self.logger.debug(
-                "Target sink for '%s' is full. Current size is '%s'. Draining...",
-                sink.stream_name, sink.current_size,
-            )
-            self.drain_one(sink)
-        self._handle_max_record_age()
-
-    @override
-    def _process_schema_message(self, message_dict: dict) -> None:
-        self.runtime.ensure_started()
-        super()._process_schema_message(message_dict)
-        stream = message_dict["stream"]
-        self._fast_sinks.pop(stream, None)
-        maps = self.mapper.stream_maps.get(stream) or []
-        if len(maps) == 1:
-            only = maps[0]
-            sink = self._sinks_active.get(only.stream_alias)
-            if (
-                type(only) is SameRecordTransform
-                and only.stream_alias == stream
-                and not (only.flattening_options and only.flattening_enabled)
-                and isinstance(sink, OrbSink)
-                and not sink.include_sdc_metadata_properties
-            ):
-                self._fast_sinks[stream] = sink
-
-    @override
     def process_endofpipe(self) -> None:
         super().process_endofpipe()
         self.runtime.pipeline.wait_all()
         self.runtime.close()
 
-    @override
-    def _handle_termination(self, signum: int, frame: FrameType | None) -> None:
-        """Stop reading at once; never acknowledge a batch that is still in flight (sdk#3775).
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Stop reading at once; never acknowledge a batch that is still in flight.
 
-        The SDK's handler drains and exits 0, which can emit STATE for an unfinished
-        batch or hide a failure. Here a delivery failure is re-raised, and a real signal
-        becomes TerminatedError; STATE already written covers only settled requests.
+        A delivery failure (a delivery thread interrupts the reading thread) is re-raised;
+        a real signal becomes TerminatedError. STATE already written covers only settled
+        requests.
         """
-        runtime = getattr(self, "runtime", None)
-        if runtime is not None and runtime.pipeline.error is not None:
-            if runtime.pipeline.error_reported:
+        pipeline = self.runtime.pipeline
+        if pipeline.error is not None:
+            if pipeline.error_reported:
                 return  # the reading thread already has the error; this is its echo
-            runtime.pipeline.raise_if_failed()
+            pipeline.raise_if_failed()
         raise TerminatedError(signum)
 
     @classmethod
     @override
-    def invoke(  # type: ignore[override]
-        cls,
-        *,
-        about: bool = False,
-        about_format: str | None = None,
-        config: _ConfigInput | None = None,
-        file_input: t.IO[str] | None = None,
-    ) -> None:
+    def invoke(cls, **kwargs: t.Any) -> None:
         """Run the target from the CLI with clear errors and exit codes.
 
-        Exit codes: 0 success; 1 a delivery, configuration or data error (message logged,
-        no traceback); 128+N after signal N.
+        The SDK's `invoke` builds the target (config validation; here also the ping) and
+        calls `listen()`; this wraps it. Exit codes: 0 success; 1 a delivery, configuration
+        or data error (message logged, no traceback); 128+N after signal N.
+
+        Args:
+            kwargs: The SDK's CLI arguments (`about`, `about_format`, `config`, `file_input`).
         """
-        if about:
-            cls.print_about(about_format)
-            sys.exit(0)
+        if kwargs.get("about"):
+            super().invoke(**kwargs)
+            return
         cls.is_cli_run = True
-        target: TargetOrb | None = None
+        cls.cli_target = None
         exit_code = 1  # stays 1 for an unexpected exception (a bug: its traceback is kept)
         message: str | None = None
         try:
-            config = config or _ConfigInput()
-            cls.print_version(print_fn=cls.logger.info)
-            target = cls(
-                config=config.config, validate_config=True, parse_env_config=config.parse_env
-            )
-            target.runtime.ensure_started()
-            _tune_gc()
-            target.listen(file_input)
+            super().invoke(**kwargs)
             exit_code = 0
         except _EXPECTED_ERRORS as exc:
             message = str(exc)
@@ -370,7 +315,7 @@ class TargetOrb(Target):
         except OSError as exc:
             message = f"I/O error: {exc}. Check `dead_letter_path` and disk space."
         finally:
-            cls._finish(target, exit_code, message)
+            cls._finish(cls.cli_target, exit_code, message)
 
     @classmethod
     def _finish(cls, target: TargetOrb | None, exit_code: int, message: str | None) -> None:
