@@ -1000,7 +1000,9 @@ class BackfillManager:
                 )
             else:
                 status = str(closed.get("status") or "closed")
-                load.status = "reflected" if status == "reflected" else f"closed ({status})"
+                load.status = (
+                    "reflected" if status == "reflected" else f"closed (Orb status: {status})"
+                )
                 try:
                     self.record.update(
                         load.key, self._now(), state="closed", events=load.events
