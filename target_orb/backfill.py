@@ -60,7 +60,7 @@ from target_orb.delivery import Deliverer, Response
 from target_orb.errors import DeliveryAbortedError, OrbFatalError
 from target_orb.mapping import backfill_threshold
 from target_orb.pipeline import JobResult
-from target_orb.policy import Outcome, classify, orb_error_summary
+from target_orb.policy import Outcome, classify, orb_error_summary, rejected_keys
 from target_orb.search import search_existing
 from target_orb.timestamps import TimestampError, format_orb, to_utc
 
@@ -82,6 +82,34 @@ PENDING = frozenset({"pending", "pending_revert"})  # block overlapping creates 
 # Orb's live /ingest answer for an event past the grace period (the stand-in says "older than
 # the grace period ... use a backfill"; Orb documents only "validation errors").
 _TOO_OLD = re.compile(r"grace|too old|older than|backfill", re.IGNORECASE)
+
+
+MAX_ROTATIONS = 3  # new backfills for one window in one run when Orb closed ours under us
+
+
+class BackfillNotPendingError(Exception):
+    """Orb refused an ingest because the backfill no longer takes events (closed by its
+    close_time or by someone): the window needs a new backfill, the events are fine."""
+
+    def __init__(self, backfill_id: str, response: Response) -> None:
+        detail = orb_error_summary(response.body)
+        super().__init__(f"backfill {backfill_id} refused events: {detail}")
+        self.backfill_id = backfill_id
+        self.response = response
+
+
+def _refuses_backfill(response: Response, body: bytes) -> bool:
+    """An ingest answer that refuses the backfill itself (not any event in the request)."""
+    if not isinstance(response.body, dict):
+        return False
+    text = orb_error_summary(response.body, 2000).lower()
+    if "backfill" not in text:
+        return False
+    try:
+        keys = [e.get("idempotency_key") for e in jsonutil.loads(body).get("events", [])]
+    except (ValueError, AttributeError):
+        return False
+    return not rejected_keys(response.body, [k for k in keys if isinstance(k, str)])
 
 
 def utcnow() -> datetime.datetime:
@@ -390,6 +418,8 @@ class _WindowLoad:
     already: int = 0
     status: str = ""
     deliverer: Deliverer | None = None
+    rotations: int = 0
+    finished: list[dict[str, t.Any]] = field(default_factory=list)  # earlier ones this run
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,18 +672,39 @@ class BackfillManager:
     def _send_window(
         self, load: _WindowLoad, part: _Part, mine: list[int], done: _Loaded, acked: list[str]
     ) -> None:
-        """Send the claimed events `mine` of `part`: search first, then ingest the rest."""
+        """Send the claimed events `mine` of `part`: search first, then ingest the rest.
+
+        When Orb says the window's backfill no longer takes events (its close_time passed
+        during a long run, or someone closed it), a new backfill replaces it once Orb
+        reflected the old one, and what is not acknowledged yet is searched and sent again.
+        """
         events = part.events
+        remaining = mine
+        while True:
+            backfill_id = load.backfill_id
+            try:
+                self._search_and_ingest(load, part, remaining, done, acked)
+            except BackfillNotPendingError as exc:
+                self._rotate(load, backfill_id or "", exc)
+                have = set(acked)
+                remaining = [i for i in remaining if events[i]["idempotency_key"] not in have]
+                continue
+            return
+
+    def _search_and_ingest(
+        self, load: _WindowLoad, part: _Part, mine: list[int], done: _Loaded, acked: list[str]
+    ) -> None:
+        events = part.events
+        keys = [events[i]["idempotency_key"] for i in mine]
         client = self._client
         assert client is not None and self._deliverer is not None
+        window = load.window
         searches = 0
 
         def count_search() -> None:
             nonlocal searches
             searches += 1
 
-        keys = [events[i]["idempotency_key"] for i in mine]
-        window = load.window
         # Late events are older than now: the timeframe ends at the window's end or just
         # after now, whichever is first, and always covers every event of the window.
         end = min(window.end, self._now().replace(microsecond=0) + datetime.timedelta(seconds=1))
@@ -728,16 +779,63 @@ class BackfillManager:
             client = self._client
             assert client is not None and self._make_ingest_deliverer is not None
 
-            def send(body: bytes, count: int, backfill_id: str = backfill_id) -> Response:
-                digest = hashlib.sha256(backfill_id.encode("utf-8") + b"\0" + body).hexdigest()
-                headers = {"Idempotency-Key": f"target-orb-bfi-{digest[:48]}"}
-                return client.post_ingest(body, count, backfill_id=backfill_id, headers=headers)
+            self._use(load, backfill_id, key)
 
-            load.deliverer = self._make_ingest_deliverer(send)
-            with load.lock:
-                load.key = key
-                load.status = "pending"
-                load.backfill_id = backfill_id
+    def _use(self, load: _WindowLoad, backfill_id: str, key: str) -> None:
+        """Make `backfill_id` the window's backfill (ingest goes there from now on)."""
+        client = self._client
+        assert client is not None and self._make_ingest_deliverer is not None
+
+        def send(body: bytes, count: int) -> Response:
+            # A deterministic request key: a retried request is a replay, never a 2nd copy.
+            digest = hashlib.sha256(backfill_id.encode("utf-8") + b"\0" + body).hexdigest()
+            headers = {"Idempotency-Key": f"target-orb-bfi-{digest[:48]}"}
+            response = client.post_ingest(body, count, backfill_id=backfill_id, headers=headers)
+            if response.status in (400, 404, 409) and _refuses_backfill(response, body):
+                raise BackfillNotPendingError(backfill_id, response)
+            return response
+
+        deliverer = self._make_ingest_deliverer(send)
+        with load.lock:
+            load.deliverer = deliverer
+            load.key = key
+            load.status = "pending"
+            load.events = 0
+            load.backfill_id = backfill_id
+
+    def _rotate(self, load: _WindowLoad, gone: str, exc: BackfillNotPendingError) -> None:
+        """Replace the window's backfill `gone`, which Orb says takes no more events."""
+        with self._creation_lock(load.window):
+            if load.backfill_id != gone:
+                return  # another job already replaced it
+            current = self._fetch(gone)
+            close = _instant(current.get("close_time"))
+            if current.get("status") == "pending" and (close is None or close > self._now()):
+                msg = (
+                    f"Orb refused events for backfill {gone} ({load.window.label}), which is "
+                    f"still open: {orb_error_summary(exc.response.body)}. Nothing more was "
+                    "sent into it and no STATE was written past these events; rerun."
+                )
+                raise OrbFatalError(msg)
+            if load.rotations >= MAX_ROTATIONS:
+                msg = (
+                    f"Orb closed target-orb's backfill for {load.window.label} {load.rotations} "
+                    "times during this run; stopping. Check who closes target-orb's backfills, "
+                    "then rerun (what was loaded stays loaded)."
+                )
+                raise OrbFatalError(msg)
+            load.rotations += 1
+            LOGGER.warning(
+                "Backfill %s (%s) stopped taking events (Orb status %s, close time %s) with "
+                "%d events in it; continuing the window in a new backfill.",
+                gone, load.window.label, current.get("status"), current.get("close_time"),
+                load.events,
+            )
+            load.finished.append(self._row(load, str(current.get("status") or "closed")))
+            self.record.update(load.key, self._now(), state="closed", events=load.events)
+            self._wait_settled(gone, load.window)
+            backfill_id, key = self._create(load.window)
+            self._use(load, backfill_id, key)
 
     def _creation_lock(self, window: Window) -> threading.Lock:
         with self._lock:
@@ -1000,8 +1098,15 @@ class BackfillManager:
                 )
             else:
                 status = str(closed.get("status") or "closed")
+                if status == "pending":  # Orb reflects asynchronously: look once more
+                    try:
+                        status = str(self._fetch(load.backfill_id, closer).get("status"))
+                    except Exception:  # noqa: BLE001 - the close itself succeeded
+                        status = "pending"
                 load.status = (
-                    "reflected" if status == "reflected" else f"closed (Orb status: {status})"
+                    "reflected" if status == "reflected"
+                    else "closed, Orb is reflecting it" if status == "pending"
+                    else f"closed ({status})"
                 )
                 try:
                     self.record.update(
@@ -1049,21 +1154,22 @@ class BackfillManager:
         except (OrbFatalError, DeliveryAbortedError, OSError, Exception) as exc:  # noqa: BLE001
             LOGGER.warning("Could not close backfills left by an earlier run: %s", exc)
 
+    @staticmethod
+    def _row(load: _WindowLoad, status: str) -> dict[str, t.Any]:
+        return {
+            "id": load.backfill_id,
+            "timeframe_start": format_orb(load.window.start),
+            "timeframe_end": format_orb(load.window.end),
+            "events": load.events,
+            "status": status,
+        }
+
     def _report(self) -> None:
         rows = []
         for load in sorted(self._loads(), key=lambda w: w.window):
-            if load.backfill_id is None:
-                continue
-            rows.append(
-                {
-                    "id": load.backfill_id,
-                    "timeframe_start": format_orb(load.window.start),
-                    "timeframe_end": format_orb(load.window.end),
-                    "events": load.events,
-                    "already_in_orb": load.already,
-                    "status": load.status,
-                },
-            )
+            rows.extend(load.finished)
+            if load.backfill_id is not None:
+                rows.append(self._row(load, load.status))
         with self._stats.lock:
             self._stats.backfills = rows
 

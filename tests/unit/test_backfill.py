@@ -606,7 +606,7 @@ def test_a_rerun_closes_its_own_pending_backfill_and_loads_the_rest_once(tmp_pat
     rerun = make_manager(orb, tmp_path, stats=stats)
     result = load(rerun, events)  # the whole input again: STATE never moved
     rerun.finish(failed=False)
-    assert [r["status"] for r in stats.backfills] == ["closed (Orb status: pending)"]
+    assert [r["status"] for r in stats.backfills] == ["closed, Orb is reflecting it"]
     orb.settle()
     assert result.accepted == 2 and stats.already_in_orb == 4
     assert billed_twice(orb) == {}
@@ -744,3 +744,30 @@ def test_summary_and_metrics_list_every_backfill(tmp_path):
     metrics = json.loads(jsonutil.dumps_str(stats.as_dict()))
     assert [b["id"] for b in metrics["backfills"]] == list(orb.backfills)
     assert metrics["already_in_orb"] == 0 and metrics["events_backfilled"] == 2
+
+
+def test_a_backfill_closed_under_a_long_run_is_replaced_and_nothing_lands_twice(tmp_path):
+    orb = ScriptedOrb()
+    stats = RunStats()
+    m = make_manager(orb, tmp_path, stats=stats)
+    assert load(m, [event(1, MARCH), event(2, MARCH)]).accepted == 2
+    (first,) = orb.pending()
+    orb.now += CLOSE_AFTER  # its close_time passed: Orb closed and reflected it
+    orb.backfills[first]["status"] = "closing"
+    orb.settle()
+    result = load(m, [event(2, MARCH), event(3, MARCH)])
+    assert (result.accepted, result.rejected) == (1, [])
+    m.finish(failed=False)
+    assert billed_twice(orb) == {} and sorted(orb.live) == ["k1", "k2", "k3"]
+    rows = [(r["id"], r["events"], r["status"]) for r in stats.backfills]
+    assert rows[0] == (first, 2, "reflected") and rows[1][1:] == (1, "reflected")
+    assert len(orb.backfills) == 2 and orb.pending() == []
+
+
+def test_a_refusal_from_a_backfill_that_is_still_open_fails_the_run(tmp_path):
+    orb = ScriptedOrb()
+    m = make_manager(orb, tmp_path)
+    load(m, [event(1, MARCH)])
+    orb.faults.append(("POST", "/ingest", Response(400, {}, {"detail": "backfill is locked"})))
+    with pytest.raises(OrbFatalError, match="still open"):
+        load(m, [event(2, MARCH)])
