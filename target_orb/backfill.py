@@ -419,6 +419,7 @@ class _WindowLoad:
     status: str = ""
     deliverer: Deliverer | None = None
     rotations: int = 0
+    checked: bool = False  # pending backfills overlapping the window dealt with
     finished: list[dict[str, t.Any]] = field(default_factory=list)  # earlier ones this run
 
 
@@ -617,7 +618,7 @@ class BackfillManager:
         total = _Loaded()
         for window, indexes in group_by_window(events).items():
             load = self._window_load(window)
-            self._prepare(load)
+            self._check_window(load)
             part = _Part(stream, [events[i] for i in indexes], [records[i] for i in indexes])
             done = self._load_window(load, part)
             total.accepted += done.accepted
@@ -681,11 +682,10 @@ class BackfillManager:
         events = part.events
         remaining = mine
         while True:
-            backfill_id = load.backfill_id
             try:
                 self._search_and_ingest(load, part, remaining, done, acked)
             except BackfillNotPendingError as exc:
-                self._rotate(load, backfill_id or "", exc)
+                self._rotate(load, exc.backfill_id, exc)
                 have = set(acked)
                 remaining = [i for i in remaining if events[i]["idempotency_key"] not in have]
                 continue
@@ -723,7 +723,8 @@ class BackfillManager:
             with load.lock:
                 load.already += already
         if not send:
-            return
+            return  # nothing new: no backfill is created for it
+        self._ensure_backfill(load)
         deliverer = load.deliverer
         assert deliverer is not None
         batch = [events[i] for i in send]
@@ -757,28 +758,39 @@ class BackfillManager:
 
     # -- backfill lifecycle ------------------------------------------------------
 
-    def _prepare(self, load: _WindowLoad) -> None:
-        """Make sure the window has an open backfill this run created (once per window)."""
-        with load.lock:
-            if load.backfill_id is not None:
-                return
-            if load.error is not None:
-                raise load.error
-        # Creation is serialised per window by a second lock so the claim lock stays short.
+    def _check_window(self, load: _WindowLoad) -> None:
+        """Once per window, before any search or send: deal with overlapping pending
+        backfills (close our own leftover, wait for closing ones, stop on another's)."""
+        if load.checked:
+            return
+        # Serialised per window by a second lock so the claim lock stays short.
         with self._creation_lock(load.window):
-            if load.backfill_id is not None:
-                return
             if load.error is not None:
                 raise load.error
+            if load.checked:
+                return
             try:
                 self._clear_overlaps(load.window, refresh=False)
+            except BaseException as exc:
+                load.error = exc
+                raise
+            load.checked = True
+
+    def _ensure_backfill(self, load: _WindowLoad) -> None:
+        """Make sure the window has an open backfill this run created (created lazily, so
+        a replay that finds everything in Orb creates none)."""
+        if load.backfill_id is not None:
+            return
+        with self._creation_lock(load.window):
+            if load.error is not None:
+                raise load.error
+            if load.backfill_id is not None:
+                return
+            try:
                 backfill_id, key = self._create(load.window)
             except BaseException as exc:
                 load.error = exc
                 raise
-            client = self._client
-            assert client is not None and self._make_ingest_deliverer is not None
-
             self._use(load, backfill_id, key)
 
     def _use(self, load: _WindowLoad, backfill_id: str, key: str) -> None:

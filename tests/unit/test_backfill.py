@@ -456,6 +456,7 @@ def test_a_replay_lands_nothing_new_and_counts_already_in_orb(tmp_path):
     assert stats.already_in_orb == 4 and stats.events_backfilled == 0
     assert dict(orb.billed) == billed
     assert orb.pending() == []
+    assert len(orb.backfills) == 1, "a replay that finds everything creates no backfill"
 
 
 def test_keys_already_live_are_left_out_and_only_new_ones_are_ingested(tmp_path):
