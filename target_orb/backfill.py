@@ -979,18 +979,20 @@ class BackfillManager:
 
     def _create(self, window: Window) -> tuple[str, str]:
         """Create the window's backfill; returns (id, Idempotency-Key)."""
-        now = self._now().replace(microsecond=0)
-        payload = {
-            "timeframe_start": format_orb(window.start),
-            "timeframe_end": format_orb(window.end),
-            "close_time": format_orb(now + CLOSE_AFTER),
-            # Sent explicitly: Orb's default is true (replace every customer's events).
-            "replace_existing_events": False,
-        }
-        digest = hashlib.sha256(jsonutil.dumps_sorted(payload)).hexdigest()
-        key = f"target-orb-backfill-{digest[:44]}"
-        self.record.add_intent(payload, key, now)
         for attempt in range(2):
+            now = self._now().replace(microsecond=0)
+            payload = {
+                "timeframe_start": format_orb(window.start),
+                "timeframe_end": format_orb(window.end),
+                # A second attempt (after an overlap was resolved) must not replay the first
+                # answer: its payload, and so its key, differs by the close time.
+                "close_time": format_orb(now + CLOSE_AFTER + attempt * _SECOND),
+                # Sent explicitly: Orb's default is true (replace every customer's events).
+                "replace_existing_events": False,
+            }
+            digest = hashlib.sha256(jsonutil.dumps_sorted(payload)).hexdigest()
+            key = f"target-orb-backfill-{digest[:44]}"
+            self.record.add_intent(payload, key, now)
             response = self._request(
                 "POST", BACKFILLS_PATH, body=payload, headers={"Idempotency-Key": key},
                 limiter=self._write_limiter,
@@ -1000,9 +1002,12 @@ class BackfillManager:
                 "id"
             ):
                 break
+            # The intent stays `creating`: if Orb made the backfill after all (an answer
+            # lost to a 5xx), its timeframe and close time still identify it as ours.
             if attempt == 0 and response.status == 400:
                 # Most likely a pending backfill overlapping the window appeared since the
-                # list was read: look again (stops the run if it is another's).
+                # list was read (or a create whose answer was lost made one): look again;
+                # this stops the run if it is another's.
                 self._clear_overlaps(window, refresh=True)
                 continue
             raise OrbFatalError(

@@ -94,6 +94,10 @@ class ScriptedOrb:
             response = self._route(method, path, body, params, headers or {})
         if fault == "timeout_after":
             raise TransportError("read timeout", "ReadTimeout")
+        if fault == "503_after":  # done, but answered 503 (not stored for replay)
+            with self.lock:
+                self.replays = {k: v for k, v in self.replays.items() if v[1] is not response}
+            return Response(503, {}, None)
         return response
 
     def post_ingest(self, body: bytes, count: int, backfill_id=None, headers=None) -> Response:
@@ -772,3 +776,16 @@ def test_a_refusal_from_a_backfill_that_is_still_open_fails_the_run(tmp_path):
     orb.faults.append(("POST", "/ingest", Response(400, {}, {"detail": "backfill is locked"})))
     with pytest.raises(OrbFatalError, match="still open"):
         load(m, [event(2, MARCH)])
+
+
+def test_a_create_done_but_answered_5xx_is_recognised_and_nothing_is_lost(tmp_path):
+    """Orb made the backfill but answered 503 and kept no replay: the retry is refused as
+    overlapping; the first one is recognised as target-orb's (record), closed, replaced."""
+    orb = ScriptedOrb()
+    orb.faults.append(("POST", "/events/backfills", "503_after"))
+    m = make_manager(orb, tmp_path)
+    assert load(m, [event(1, MARCH)]).accepted == 1
+    m.finish(failed=False)
+    orb.settle()
+    assert orb.pending() == [] and list(orb.live) == ["k1"] and billed_twice(orb) == {}
+    assert [len(v) for v in orb.backfill_events.values()] == [0, 1]
