@@ -84,8 +84,18 @@ def _checks(fake: FakeOrb, meta: dict[str, t.Any], *, replay: bool) -> dict[str,
     }
 
 
+@dataclass
+class _Ctx:
+    bench: t.Any
+    run_child: t.Callable[..., t.Any]
+    target_cmd: list[str]
+    concurrency: int
+    log: t.Callable[[str], None]
+
+
 def scenario_backfill(
     bench: t.Any,
+    *,
     run_child: t.Callable[..., t.Any],
     target_cmd: list[str],
     n: int,
@@ -115,6 +125,7 @@ def scenario_backfill(
         bench.workdir / "bf-late.singer", n, now=now - 40 * DAY + 3600, window_seconds=30 * DAY
     )
     runs: dict[str, list[BfRun]] = {"live": [], "late": [], "late replay": []}
+    ctx = _Ctx(bench, run_child, target_cmd, concurrency, log)
     fake = FakeOrb(host="127.0.0.1", port=0, api_key="test-orb-key")
     fake.start()
     try:
@@ -123,28 +134,24 @@ def scenario_backfill(
             for kind in order:
                 fake.reset()
                 meta = live if kind == "live" else late
-                runs[kind].append(_one(bench, run_child, target_cmd, fake, meta, kind,
-                                       concurrency, log, replay=False))
+                runs[kind].append(_one(ctx, fake, meta, kind, replay=False))
                 if kind == "late":
                     with fake.lock:
                         fake.requests.clear()
-                    runs["late replay"].append(_one(bench, run_child, target_cmd, fake, meta,
-                                                    "late replay", concurrency, log,
+                    runs["late replay"].append(_one(ctx, fake, meta, "late replay",
                                                     replay=True))
     finally:
         fake.stop()
     return {"runs": runs, "records": n, "concurrency": concurrency}
 
 
-def _one(
-    bench: t.Any, run_child: t.Callable[..., t.Any], target_cmd: list[str], fake: FakeOrb,
-    meta: dict[str, t.Any], kind: str, concurrency: int, log: t.Callable[[str], None], *,
-    replay: bool,
-) -> BfRun:
+def _one(ctx: _Ctx, fake: FakeOrb, meta: dict[str, t.Any], kind: str, *, replay: bool) -> BfRun:
+    bench, log = ctx.bench, ctx.log
     name = bench.name(f"bf-{kind}")
-    cfg = _config(fake.url, bench.workdir, name, concurrency)
-    cmd = [*target_cmd, "--config", str(cfg), "--input", str(meta["path"])]
-    child = run_child(cmd, timeout=120 + meta["records"] / 500, workdir=bench.workdir, name=name)
+    cfg = _config(fake.url, bench.workdir, name, ctx.concurrency)
+    cmd = [*ctx.target_cmd, "--config", str(cfg), "--input", str(meta["path"])]
+    child = ctx.run_child(cmd, timeout=120 + meta["records"] / 500, workdir=bench.workdir,
+                          name=name)
     with fake.lock:
         requests = len(fake.requests)
     run = BfRun(kind, meta["records"], child.seconds, requests, child.rc,
