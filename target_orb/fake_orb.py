@@ -517,11 +517,6 @@ class FakeOrb(OrbResources):
 
     # ------------------------------------------------------------------ state / control
 
-    def events(self) -> list[dict[str, Any]]:
-        """Landed event bodies in landing order."""
-        with self.lock:
-            return list(self.landed.values())
-
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return {
