@@ -324,7 +324,8 @@ class OrbResources:
             return [self._customer_view(c) for c in self._customers.values()]
 
     def customer_updates(self) -> list[dict[str, Any]]:
-        """Every customer PUT received: ``{external_customer_id, body, status}``."""
+        """Every customer PUT with a JSON body: ``{external_customer_id, body, status}``
+        (the answer's status: 200, 400 or 404)."""
         with self.lock:
             return [dict(u) for u in self._customer_updates]
 
@@ -932,12 +933,12 @@ class OrbResources:
                 )
             return _Outcome(200, cust)
         body, refusal = self._json_body(req)
+        if refusal is not None:
+            return refusal  # not JSON: not an update anyone could read back
         with self.lock:
-            self._customer_updates.append(
-                {"external_customer_id": ext, "body": body, "status": None}
-            )
-            update = self._customer_updates[-1]
-        outcome = refusal or self._edit_customer(ext, body)
+            update = {"external_customer_id": ext, "body": body, "status": None}
+            self._customer_updates.append(update)
+        outcome = self._edit_customer(ext, body)
         update["status"] = outcome.status
         return outcome
 
