@@ -814,11 +814,11 @@ class OrbResources:
         now = self.now()
         start = start or now - SEARCH_DEFAULT_LOOKBACK
         end = end or now
-        wanted = set(event_ids)
         out = []
         with self.lock:
-            for rec in self._records:
-                if rec.key not in wanted or rec.versions:
+            recs = [r for k in set(event_ids) for r in self._by_key.get(k, ())]
+            for rec in sorted(recs, key=lambda r: r.seq):
+                if rec.versions:
                     continue
                 ev = rec.original
                 when = parse_event_timestamp(ev["timestamp"])
