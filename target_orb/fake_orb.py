@@ -557,7 +557,9 @@ class FakeOrb(OrbResources):
             }
 
     def reset(self) -> None:
-        """Forget everything: landed events, requests, counters, script and rules."""
+        """Forget what was received: events, backfills, corrections, customer updates,
+        idempotency keys, requests, counters, script and rules. The set-up stays: seeded
+        customers (back to their seeded metadata), billing periods and the clock."""
         with self.lock:
             self.landed.clear()
             self.requests.clear()
