@@ -19,6 +19,7 @@ from singer_sdk.helpers.capabilities import PluginCapabilities, TargetCapabiliti
 from typing_extensions import override
 
 from target_orb import jsonutil
+from target_orb.backfill import BackfillManager, OwnershipRecord, record_path_for
 from target_orb.client import OrbClient
 from target_orb.deadletter import DeadLetterWriter
 from target_orb.delivery import Deliverer
@@ -89,6 +90,7 @@ class _Runtime:
         # One abort signal for the run: set on the first delivery failure and on close, it
         # ends every retry wait (ingest and other calls) at once.
         self.abort = threading.Event()
+        self.ingest_limiter: RateLimiter | None = None
         # Orb budgets each kind of call separately (reference/orb-api.md §2.8): ingest, other
         # writes (backfill create/close, customer updates, amend/deprecate) and reads (search).
         self.write_limiter = RateLimiter()
@@ -98,7 +100,7 @@ class _Runtime:
                 s.api_url, config["api_key"], timeout=s.request_timeout,
                 pool_size=s.max_concurrent_requests,
             )
-            limiter = RateLimiter(
+            limiter = self.ingest_limiter = RateLimiter(
                 requests_per_second=s.max_requests_per_second,
                 events_per_minute=s.max_events_per_minute,
             )
@@ -126,6 +128,56 @@ class _Runtime:
             progress_interval=s.progress_interval_seconds,
         )
         self._summarized = False
+        self.backfills: BackfillManager | None = None
+        if self.spec.late_event_policy == "backfill":
+            self.backfills = BackfillManager(
+                client=self.client,
+                deliverer=deliverer,
+                make_ingest_deliverer=self._backfill_ingest_deliverer if self.client else None,
+                stats=self.stats,
+                record=OwnershipRecord(record_path_for(s.dead_letter_path), s.api_url),
+                write_limiter=self.write_limiter,
+                read_limiter=self.read_limiter,
+                grace_period_hours=self.spec.grace_period_hours,
+                max_retry_seconds=s.max_retry_seconds,
+                aborted=self.abort.is_set,
+            )
+
+    def _backfill_ingest_deliverer(self, send: t.Callable[[bytes, int], t.Any]) -> Deliverer:
+        """Ingest into one backfill: ingest's retry rules, budget and rate limits."""
+        assert self.client is not None
+        return Deliverer(
+            send,
+            url=f"{self.client.ingest_url}?backfill_id=…",
+            max_retry_seconds=self.settings.max_retry_seconds,
+            abort=self.abort,
+            limiter=self.ingest_limiter,
+            on_retry=self.stats.add_retry,
+        )
+
+    def finish_backfills(self, *, failed: bool, budget: float = 60.0) -> None:
+        """Close every backfill this run created; on every exit path, once (never raises).
+
+        On failure the delivery threads are stopped first, so nothing is sent into a
+        backfill while it is being closed.
+
+        Args:
+            failed: The run failed or was stopped.
+            budget: Seconds of retries for each close call.
+        """
+        if self.backfills is None:
+            return
+        if failed:
+            self.pipeline.close(timeout=1.0)
+        closer = None
+        if self.client is not None:
+            closer = Deliverer(
+                self.client.post_ingest,
+                url=self.client.ingest_url,
+                max_retry_seconds=min(float(self.settings.max_retry_seconds), budget),
+                on_retry=self.stats.add_retry,
+            )
+        self.backfills.finish(failed=failed, closer=closer)
 
     def ensure_started(self) -> None:
         """Check the dead-letter path, then ping Orb once (never in dry-run mode).
@@ -139,6 +191,8 @@ class _Runtime:
         problem = self.dead_letters.check_writable()
         if problem is not None:
             raise OrbFatalError(problem + " Nothing was read or sent.")
+        if self.backfills is not None:
+            self.backfills.start()
         if self.client is not None:
             self.client.ping()
         else:
@@ -165,13 +219,17 @@ class _Runtime:
         if self.client is not None:
             self.client.close()
 
-    def finish(self, *, failed: bool, timeout: float = 5.0) -> None:
-        """End the run: close, then log the summary once.
+    def finish(
+        self, *, failed: bool, timeout: float = 5.0, backfill_budget: float = 60.0
+    ) -> None:
+        """End the run: close this run's backfills, close, then log the summary once.
 
         Args:
-            failed: Mark the summary as the summary of a failed run.
+            failed: The run failed or was stopped (marks the summary too).
             timeout: Seconds to wait for each delivery thread.
+            backfill_budget: Seconds of retries for each backfill close call.
         """
+        self.finish_backfills(failed=failed, budget=backfill_budget)
         self.close(timeout)
         if self._summarized:
             return
@@ -266,6 +324,8 @@ class TargetOrb(SeamTarget):
     def process_endofpipe(self) -> None:
         super().process_endofpipe()
         self.runtime.pipeline.wait_all()
+        # Every late event is in its backfill (or dead-lettered): close them now.
+        self.runtime.finish_backfills(failed=False)
         self.runtime.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -341,7 +401,12 @@ class TargetOrb(SeamTarget):
                 exit_code - 128, pending,
             )
         if target is not None:
-            target.runtime.finish(failed=exit_code != 0, timeout=5.0 if exit_code == 0 else 1.0)
+            target.runtime.finish(
+                failed=exit_code != 0,
+                timeout=5.0 if exit_code == 0 else 1.0,
+                # A signal means someone wants the process gone: less time for closing.
+                backfill_budget=15.0 if exit_code > 128 else 60.0,
+            )
         if exit_code != 0 and (message is not None or exit_code > 128):
             logging.shutdown()
             sys.stdout.flush()
