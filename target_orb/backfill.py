@@ -1,6 +1,6 @@
 """`late_event_policy: backfill`: windows, the ownership record, and the backfill manager.
 
-How history is loaded (CONTRACT.md "Late events", reference/orb-api.md §3, §4.3):
+How history is loaded (README "Loading history"; Orb API reference: event backfills, event search):
 
 - **Windows.** A late event belongs to the calendar month (UTC) of its timestamp:
   `[YYYY-MM-01T00:00:00Z, first of next month)`, at most 31 whole UTC days, so every rerun
@@ -75,7 +75,8 @@ _UTC = datetime.timezone.utc
 
 BACKFILLS_PATH = "/events/backfills"
 CLOSE_AFTER = datetime.timedelta(hours=24)  # explicit close_time: creation + Orb's default
-MAX_WINDOW_DAYS = 31  # "Orb allows backfills up to 31 days in duration" (orb-api.md §3.1)
+# "Orb allows backfills up to 31 days in duration" (Orb API reference, Create backfill).
+MAX_WINDOW_DAYS = 31
 RECORD_VERSION = 1
 RECORD_KEEP = datetime.timedelta(days=30)  # closed entries older than this are pruned
 PENDING = frozenset({"pending", "pending_revert"})  # block overlapping creates (§3.1)

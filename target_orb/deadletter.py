@@ -12,7 +12,7 @@ Source = t.Literal["local", "orb"]
 
 
 class DeadLetterEntry(t.TypedDict, total=False):
-    """One line of the dead-letter file (CONTRACT.md `dead_letter_path`)."""
+    """One line of the dead-letter file (README, "The dead-letter file")."""
 
     stream: str
     record: t.Any
@@ -56,7 +56,6 @@ class DeadLetterWriter:
             path: File to append to.
         """
         self.path = path
-        self.count = 0
         self._lock = threading.Lock()
 
     def check_writable(self) -> str | None:
@@ -92,6 +91,7 @@ class DeadLetterWriter:
         with self._lock:
             parent = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(parent, exist_ok=True)
+            created = not os.path.exists(self.path)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 view = memoryview(data)
@@ -101,7 +101,18 @@ class DeadLetterWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            self.count += len(entries)
+            if created:
+                # A new file's name lives in its directory: without this fsync a crash
+                # could lose the whole file although its contents were fsynced.
+                _fsync_directory(parent)
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replay_lines(lines: t.Iterable[str]) -> t.Iterator[str]:

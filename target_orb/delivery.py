@@ -100,7 +100,6 @@ class DeliveryResult:
     # Events that were in an attempt with no clear answer (timeout, reset, 5xx): Orb may
     # have stored them even if a later attempt rejected them.
     ambiguous: set[int] = field(default_factory=set)
-    retries: int = 0
     requests: int = 0
 
 
@@ -291,7 +290,7 @@ class Deliverer:
             limiter=self._limiter,
             weight=count,
             on_ambiguous=ambiguous,
-            on_retry=self._count_retry(result),
+            on_retry=self._on_retry,
         )
 
     def request(
@@ -328,14 +327,6 @@ class Deliverer:
             on_ambiguous=None,
             on_retry=self._on_retry,
         )
-
-    def _count_retry(self, result: DeliveryResult) -> t.Callable[[], None]:
-        def count() -> None:
-            result.retries += 1
-            if self._on_retry is not None:
-                self._on_retry()
-
-        return count
 
     def _retrying(
         self,

@@ -24,8 +24,8 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
 # (type suffix, title) per HTTP status for default error bodies. The 400-429/500
-# suffixes are Orb's (orb-api.md §1.1); 403/408/502/503 have no Orb type, so
-# these suffixes are made up in the same style.
+# suffixes are Orb's (docs.withorb.com/reference/error-responses); 403/408/502/503 have no
+# Orb type, so these suffixes are made up in the same style.
 _DEFAULT_ERRORS: dict[int, tuple[str, str]] = {
     400: ("400-constraint-violation", "Constraint violation"),
     401: ("401-authentication-error", "Authentication error"),
@@ -61,7 +61,7 @@ def _utcnow() -> datetime:
 
 
 def error_body(status: int, type_suffix: str | None = None, **extra: Any) -> dict[str, Any]:
-    """An RFC-7807 error body shaped like Orb's (orb-api.md §1.1)."""
+    """An RFC-7807 error body shaped like Orb's (docs.withorb.com/reference/error-responses)."""
     default_suffix, default_title = _DEFAULT_ERRORS.get(status, (f"{status}-error", "Error"))
     suffix = type_suffix or default_suffix
     body: dict[str, Any] = {

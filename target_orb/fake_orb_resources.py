@@ -2,7 +2,7 @@
 
 :class:`OrbResources` is a mixin of :class:`target_orb.fake_orb.FakeOrb`. It holds the
 stand-in's clock and event store and serves, strictly after Orb's spec
-(``orb-openapi.json``) and reference notes (orb-api.md §3-§5):
+(``orb-openapi.json``) and Orb's API reference pages for these endpoints:
 
 - ``POST /v1/events/search``;
 - ``POST``/``GET /v1/events/backfills``, ``GET /v1/events/backfills/{id}``,
@@ -41,7 +41,7 @@ from target_orb.fake_orb_common import (
     validation_failed,
 )
 
-#: Orb keeps a request-level Idempotency-Key for 48 hours (orb-api.md §1).
+#: Orb keeps a request-level Idempotency-Key for 48 hours (docs.withorb.com/reference/idempotency).
 IDEMPOTENCY_WINDOW = timedelta(hours=48)
 IDEMPOTENCY_KEY_MAX = 64
 #: Orb: "By default, Orb allows backfills up to 31 days in duration at a time."

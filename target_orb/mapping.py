@@ -17,13 +17,14 @@ from target_orb.settings import (
 )
 from target_orb.timestamps import TimestampError, format_orb, parse_and_format, to_utc
 
-INT64_MIN = -(2**63)  # Orb property numbers must fit int64 (reference/orb-api.md §2.6)
+INT64_MIN = -(2**63)  # Orb property numbers must fit int64 (docs.withorb.com/quickstart/ingest)
 INT64_MAX = 2**63 - 1
 _DEC_INT64_MIN = decimal.Decimal(INT64_MIN)  # Decimal-to-Decimal compares are ~2x faster
 _DEC_INT64_MAX = decimal.Decimal(INT64_MAX)
 MAX_KEY_LENGTH = 64  # longer idempotency keys are sent as their sha256 hex (64 chars)
 _MISSING = object()
-_BLANK_CUSTOMERS = frozenset({"", "null", "undefined"})  # CONTRACT.md, case-insensitive
+# Customer ids that count as missing, case-insensitive (README, "Mapping examples").
+_BLANK_CUSTOMERS = frozenset({"", "null", "undefined"})
 
 OrbEvent = dict[str, t.Any]
 """`{"idempotency_key", "event_name", "timestamp", "properties", <customer key>}`."""
@@ -553,7 +554,8 @@ def dedupe_request(
 ) -> tuple[list[int], int, list[tuple[int, str]]]:
     """Collapse equal duplicates in one request; a different body under a used key is invalid.
 
-    Orb rejects a whole request that holds one key with two bodies (orb-api.md §2.3).
+    Orb rejects a whole request that holds one key with two bodies (Orb API reference,
+    Ingest events).
 
     Args:
         events: The candidate events of one request, in input order.

@@ -7,7 +7,8 @@ import enum
 import time
 import typing as t
 
-RETRYABLE_STATUSES = frozenset({408, 409, 429})  # plus every 5xx (reference/orb-api.md §2.4)
+# Plus every 5xx (docs.withorb.com/reference/reliability, .../reference/error-responses).
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
 FATAL_STATUSES = frozenset({401, 403, 404})
 MAX_BACKOFF_SECONDS = 30.0  # cap of the retry schedule (delivery.retry_delays)
 
@@ -75,8 +76,6 @@ def retry_after_seconds(
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError):
         return None
-    if when is None:
-        return None
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)
 
@@ -111,7 +110,7 @@ def rejected_keys(body: t.Any, keys: t.Collection[str]) -> dict[str, list[str]]:
     """The events Orb named in a 400 (or a 200's `validation_failed`), with Orb's reasons.
 
     Items may be objects `{idempotency_key, validation_errors}` or plain strings that
-    mention a key (reference/orb-api.md §2.3); only keys of this request count.
+    mention a key (Orb's OpenAPI spec, `POST /ingest` responses); only keys of this request count.
 
     Args:
         body: Decoded JSON response body.

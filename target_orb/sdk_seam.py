@@ -224,7 +224,7 @@ class SeamMessageReader(MsgSpecReader):
                     "acknowledged, so a rerun resends it."
                 )
                 raise InvalidInputLine(msg) from None
-            kind = message.get("type") if type(message) is dict else None
+            kind: t.Any = message.get("type") if type(message) is dict else None
             if kind is None:
                 self.assert_line_requires(message, requires=set(_TYPE))
             callback = get_callback(kind)

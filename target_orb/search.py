@@ -2,7 +2,7 @@
 
 Used before ingesting into a backfill (keys Orb holds are left out, so a replay never
 double-bills) and reusable for corrections (key → the Orb event, to compare bodies).
-Reference: reference/orb-api.md §4.3. Search matches ids case-sensitively, finds only
+Reference: Orb API reference, Search events. Search matches ids case-sensitively, finds only
 events that were not amended, defaults to the last week when no timeframe is given (so a
 timeframe is always sent here), and is eventually consistent: an event ingested seconds ago,
 or one in a backfill that is still pending, may not be found yet.
@@ -21,7 +21,7 @@ if t.TYPE_CHECKING:
     from target_orb.client import OrbClient
     from target_orb.delivery import Deliverer, Limiter
 
-MAX_IDS_PER_SEARCH = 500  # EventSearchCriteria.event_ids: 1-500 items (orb-api.md §4.3)
+MAX_IDS_PER_SEARCH = 500  # EventSearchCriteria.event_ids: 1-500 items (Orb's OpenAPI spec)
 SEARCH_PATH = "/events/search"
 
 OrbEventRecord = dict[str, t.Any]
@@ -43,7 +43,7 @@ def search_existing(
 
     Each call carries at most 500 distinct keys and the given timeframe, goes through
     `deliverer.request` (ingest's retry rules and time budget) and draws from `limiter`
-    (Orb counts searches as reads, reference/orb-api.md §2.8).
+    (Orb counts searches as reads, docs.withorb.com/api-reference/rate-limits).
 
     Args:
         client: The Orb client.

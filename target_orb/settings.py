@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 
 from singer_sdk import typing as th
 
-MAX_EVENTS_PER_REQUEST = 500  # Orb /v1/ingest limit (reference/orb-api.md §2.8)
+# Orb /v1/ingest limit (docs.withorb.com/events-and-metrics/event-ingestion).
+MAX_EVENTS_PER_REQUEST = 500
 DEFAULT_API_URL = "https://api.withorb.com/v1"
 
 RecordPreset = t.Literal["segment", "segment_warehouse"]
@@ -24,7 +25,7 @@ INVALID_POLICIES = ("dead_letter", "skip", "fail")
 LATE_POLICIES = ("reject", "send", "backfill")
 IDENTIFY_POLICIES = ("skip", "customer_metadata")
 
-# Segment warehouse system columns that never become properties (CONTRACT.md, record_preset).
+# Segment warehouse system columns that never become properties (README, "Segment warehouse rows").
 WAREHOUSE_SYSTEM_COLUMNS = frozenset(
     {
         "id",
@@ -327,8 +328,7 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "Validate each record against the tap's stream schema (fastjsonschema) and log "
         "mismatches. Off by default: target-orb's own mapping checks every field it sends "
         "and dead-letters what it cannot send, and a schema mismatch never stops a billing "
-        "run either way, so validation would only cost time (about a fifth of the "
-        "per-record work, see benchmarks/).",
+        "run either way, so validation only costs time (README, Performance).",
         default=False,
     ),
     _prop(
@@ -393,7 +393,6 @@ class DeliverySettings:
     """How events travel to Orb."""
 
     api_url: str
-    batch_size_rows: int = MAX_EVENTS_PER_REQUEST
     max_concurrent_requests: int = 4
     request_timeout: int = 60
     max_retry_seconds: int = 600
@@ -453,7 +452,7 @@ def config_problems(config: t.Mapping[str, t.Any]) -> list[str]:
             problems.append(f"`{name}` must be an object of string → string.")
             continue
         mapping = flatten_mapping(mapping)
-        bad = [k for k, v in mapping.items() if not isinstance(k, str) or not isinstance(v, str)]
+        bad = [k for k, v in mapping.items() if not isinstance(v, str)]
         if bad:
             problems.append(
                 f"`{name}` has non-string values for {sorted(map(str, bad))}; every key and "
@@ -570,7 +569,6 @@ def build_delivery_settings(config: t.Mapping[str, t.Any]) -> DeliverySettings:
     """
     return DeliverySettings(
         api_url=(config.get("api_url") or DEFAULT_API_URL).rstrip("/"),
-        batch_size_rows=int(config.get("batch_size_rows") or MAX_EVENTS_PER_REQUEST),
         max_concurrent_requests=int(config.get("max_concurrent_requests") or 4),
         request_timeout=int(config.get("request_timeout") or 60),
         max_retry_seconds=int(config.get("max_retry_seconds") or 600),

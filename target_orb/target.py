@@ -91,8 +91,9 @@ class _Runtime:
         # ends every retry wait (ingest and other calls) at once.
         self.abort = threading.Event()
         self.ingest_limiter: RateLimiter | None = None
-        # Orb budgets each kind of call separately (reference/orb-api.md §2.8): ingest, other
-        # writes (backfill create/close, customer updates, amend/deprecate) and reads (search).
+        # Orb budgets each kind of call separately (docs.withorb.com/api-reference/rate-limits):
+        # ingest, other writes (backfill create/close, customer updates, amend/deprecate) and
+        # reads (search).
         self.write_limiter = RateLimiter()
         self.read_limiter = RateLimiter()
         if not s.dry_run:
@@ -252,7 +253,7 @@ class TargetOrb(SeamTarget):
     default_sink_class = OrbSink
     message_reader_class = SeamMessageReader
     # No `schema-flattening`: it would turn `properties.x` into `properties__x` keys.
-    capabilities: t.ClassVar[list] = [  # type: ignore[misc]
+    capabilities: t.ClassVar[list] = [
         PluginCapabilities.ABOUT,
         PluginCapabilities.STREAM_MAPS,
         PluginCapabilities.STRUCTURED_LOGGING,

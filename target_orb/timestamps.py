@@ -1,14 +1,13 @@
-"""Turn any accepted timestamp input into Orb's UTC `YYYY-MM-DDTHH:MM:SS[.ffffff]Z` and check it."""
+"""Turn any accepted timestamp input into Orb's UTC `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`."""
 
 from __future__ import annotations
 
 import datetime
 import math
 import re
-import typing as t
 from decimal import ROUND_FLOOR, Context, Decimal
 
-__all__ = ["TimestampError", "check_window", "format_orb", "normalize", "to_utc"]
+__all__ = ["TimestampError", "format_orb", "parse_and_format", "to_utc"]
 
 # `datetime.UTC` is Python 3.11+; `timezone.utc` is the same singleton on every version.
 _UTC = datetime.timezone.utc
@@ -36,7 +35,7 @@ _EXPECTED = "expected ISO 8601, a date, or epoch seconds/milliseconds"
 # The shapes that dominate real feeds: Segment's raw JSON and analytics libraries
 # (`...T12:00:00.123Z`), `date -u` (`...T12:00:00Z`) and the Singer SDK's datetime
 # serialisation (`...T12:00:00.123000+00:00`): UTC with 0, 3 or 6 fraction digits, so no
-# offset arithmetic, and `normalize` can build its output from the input text.
+# offset arithmetic, and `parse_and_format` can build its output from the input text.
 _FAST_RE = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
     r"(?:\.([0-9]{3}|[0-9]{6}))?(?:Z|\+00:00)",
@@ -388,23 +387,8 @@ def format_orb(dt: datetime.datetime) -> str:
     return dt.isoformat()[:-6] + "Z"
 
 
-def normalize(value: object) -> str:
-    """Parse `value` and format it for Orb: `format_orb(to_utc(value))`.
-
-    Args:
-        value: Any input `to_utc` accepts.
-
-    Returns:
-        `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`.
-
-    Raises:
-        TimestampError: `value` cannot be read as a timestamp.
-    """
-    return parse_and_format(value)[1]
-
-
 def parse_and_format(value: object) -> tuple[datetime.datetime, str]:
-    """`(to_utc(value), normalize(value))` with one parse (the mapping's hot path).
+    """`(to_utc(value), format_orb(to_utc(value)))` with one parse (the mapping's hot path).
 
     For the dominant `_FAST_RE` shapes the C `fromisoformat` builds the datetime (and
     checks field ranges) about twice as fast as converting the groups by hand; every shape
@@ -435,32 +419,3 @@ def parse_and_format(value: object) -> tuple[datetime.datetime, str]:
             return parsed, f"{text[:19]}.{fraction.ljust(6, '0')}Z"
     parsed = to_utc(value)
     return parsed, format_orb(parsed)
-
-
-def check_window(
-    dt: datetime.datetime,
-    *,
-    now: datetime.datetime,
-    grace_period_hours: int,
-    future_tolerance_seconds: int,
-) -> t.Literal["ok", "late", "future"]:
-    """Say whether Orb will take an event at `dt` without a backfill.
-
-    Orb rejects `timestamp < current_time - grace_period` and timestamps more than a few
-    minutes ahead (orb-api.md §2.5). Both limits themselves are inside the window.
-
-    Args:
-        dt: The event time, aware.
-        now: The current time, aware (passed in: this module never reads the clock).
-        grace_period_hours: How far in the past Orb still accepts events.
-        future_tolerance_seconds: How far in the future Orb still accepts events.
-
-    Returns:
-        "late" when `dt < now - grace_period_hours`, "future" when
-        `dt > now + future_tolerance_seconds`, else "ok".
-    """
-    if dt < now - datetime.timedelta(hours=grace_period_hours):
-        return "late"
-    if dt > now + datetime.timedelta(seconds=future_tolerance_seconds):
-        return "future"
-    return "ok"

@@ -3,7 +3,7 @@
 Every test checks what Orb bills (`FakeOrb.events()`: live events plus reflected backfills,
 a key billed twice appears twice), `stats()["double_billed"]`, the backfills Orb holds and
 their status, the requests the target made, the exit code and the STATE lines
-(CONTRACT.md "Late events"; reference/orb-api.md §3, §4.3).
+(README "Loading history"; Orb API reference: event backfills, event search).
 """
 
 from __future__ import annotations

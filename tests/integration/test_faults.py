@@ -2,8 +2,8 @@
 
 Every test asserts exactly what landed (keys and bodies), how often each key was sent, the
 dead-letter lines, the exit code and the STATE lines, so it fails if an event is lost, sent
-under a changed key, or covered by STATE before Orb acknowledged it (CONTRACT.md, Delivery
-rules; reference/orb-api.md §2.3-2.8).
+under a changed key, or covered by STATE before Orb acknowledged it (README, "Delivery
+guarantees"; docs.withorb.com/reference/reliability and .../reference/error-responses).
 
 Retry timing is unit-tested with an injected clock (tests/unit/test_delivery.py); here the
 waits are kept short with `Retry-After: 0` / `retry-after-ms` or a single backoff step.

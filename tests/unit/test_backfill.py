@@ -1,9 +1,9 @@
 """Unit tests of `late_event_policy: backfill` with a scripted in-process Orb (no sockets).
 
-The scripted Orb keeps Orb's documented backfill rules (reference/orb-api.md §3, §4.3):
-31-day limit, no two pending backfills overlapping, nothing visible before close, request
-`Idempotency-Key` replay, search by id within a timeframe. Every test checks what reached
-it, so it fails if a late event goes live, lands twice, or a backfill is left open.
+The scripted Orb keeps Orb's documented backfill rules (Orb API reference: event backfills,
+event search): 31-day limit, no two pending backfills overlapping, nothing visible before
+close, request `Idempotency-Key` replay, search by id within a timeframe. Every test checks
+what reached it, so it fails if a late event goes live, lands twice, or a backfill is left open.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Table-driven tests of the pure record → Orb event mapping (every CONTRACT.md mapping rule)."""
+"""Table-driven tests of the pure record → Orb event mapping (every mapping rule in the README)."""
 
 from __future__ import annotations
 
@@ -665,3 +665,66 @@ def test_numeric_looking_strings_stay_strings():
     record = track(properties={"price": "12.50", "sci": "1e3"})
     assert mapped(map_record(record, "s", s, NOW))["properties"] == {"price": "12.50",
                                                                      "sci": "1e3"}
+
+
+# --- the grace and future window (boundaries) ----------------------------------------------
+
+WNOW = datetime.datetime(2024, 3, 1, 12, 0, 0, tzinfo=datetime.timezone.utc)
+US = datetime.timedelta(microseconds=1)
+
+
+def tz(hours: int, minutes: int = 0) -> datetime.timezone:
+    return datetime.timezone(datetime.timedelta(hours=hours, minutes=minutes))
+
+
+def window(event: datetime.datetime, *, now: datetime.datetime, **settings: int) -> str:
+    """"ok", "late" or "future" for a record at `event`, as map_record decides it."""
+    result = map_record(track(timestamp=event.isoformat()), "s", spec(**settings), now)
+    return "ok" if isinstance(result, Mapped) else invalid(result).code
+GRACE = datetime.timedelta(hours=12)
+TOLERANCE = datetime.timedelta(seconds=300)
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        pytest.param(WNOW, "ok", id="now"),
+        pytest.param(WNOW - GRACE, "ok", id="exactly-grace"),
+        pytest.param(WNOW - GRACE - US, "late", id="1us-past-grace"),
+        pytest.param(WNOW - datetime.timedelta(days=400), "late", id="long-ago"),
+        pytest.param(WNOW + TOLERANCE, "ok", id="exactly-tolerance"),
+        pytest.param(WNOW + TOLERANCE + US, "future", id="1us-past-tolerance"),
+        pytest.param(WNOW + datetime.timedelta(days=1), "future", id="tomorrow"),
+        pytest.param((WNOW - GRACE).astimezone(tz(-8)), "ok", id="grace-edge-other-zone"),
+        pytest.param((WNOW + TOLERANCE + US).astimezone(tz(9)), "future", id="future-other-zone"),
+    ],
+)
+def test_window_boundaries(event: datetime.datetime, expected: str) -> None:
+    assert window(event, now=WNOW, grace_period_hours=12, future_tolerance_seconds=300) == expected
+
+
+@pytest.mark.parametrize(
+    ("event", "grace_hours", "tolerance_seconds", "expected"),
+    [
+        pytest.param(WNOW, 0, 0, "ok", id="zero-window-now"),
+        pytest.param(WNOW - US, 0, 0, "late", id="zero-window-1us-before"),
+        pytest.param(WNOW + US, 0, 0, "future", id="zero-window-1us-after"),
+        pytest.param(WNOW - datetime.timedelta(hours=30), 24, 60, "late", id="grace-24h"),
+        pytest.param(WNOW - datetime.timedelta(hours=23), 24, 60, "ok", id="within-24h"),
+        pytest.param(WNOW + datetime.timedelta(minutes=30), 24, 3600, "ok", id="tolerance-1h"),
+    ],
+)
+def test_window_follows_the_settings(
+    event: datetime.datetime, grace_hours: int, tolerance_seconds: int, expected: str
+) -> None:
+    result = window(
+        event, now=WNOW, grace_period_hours=grace_hours, future_tolerance_seconds=tolerance_seconds
+    )
+    assert result == expected
+
+
+def test_window_with_non_utc_now() -> None:
+    now = WNOW.astimezone(tz(5, 30))
+    settings = {"grace_period_hours": 12, "future_tolerance_seconds": 0}
+    assert window(WNOW - GRACE, now=now, **settings) == "ok"
+    assert window(WNOW - GRACE - US, now=now, **settings) == "late"
