@@ -150,7 +150,9 @@ def replay_lines(lines: t.Iterable[str]) -> t.Iterator[str]:
 
 
 def main(argv: t.Sequence[str] | None = None) -> int:
-    """`python -m target_orb.deadletter replay FILE`: print a Singer stream to re-send.
+    """`target-orb-deadletter replay FILE` (or `python -m target_orb.deadletter …`).
+
+    Prints a Singer stream that re-sends every dead-lettered record.
 
     Args:
         argv: Command-line arguments.
@@ -162,9 +164,11 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     import sys  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(
-        prog="python -m target_orb.deadletter",
+        prog="target-orb-deadletter",
         description="Turn a target-orb dead-letter file back into Singer messages, e.g. "
-        "`python -m target_orb.deadletter replay dl.jsonl | target-orb --config config.json`.",
+        "`target-orb-deadletter replay dl.jsonl > resend.singer`, then, once the cause is "
+        "fixed, `target-orb --config config.json --input resend.singer` (records keep their "
+        "idempotency keys). Also runs as `python -m target_orb.deadletter`.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     replay = sub.add_parser("replay", help="write SCHEMA/RECORD lines for every entry to stdout")
@@ -175,7 +179,10 @@ def main(argv: t.Sequence[str] | None = None) -> int:
             for out in replay_lines(handle):
                 sys.stdout.write(out + "\n")
     except (OSError, ValueError) as exc:
-        sys.stderr.write(f"target-orb deadletter: {exc}\n")
+        sys.stderr.write(
+            f"target-orb-deadletter: cannot replay {args.path}: {exc}. Pass the file named by "
+            "`dead_letter_path` (JSON Lines written by target-orb), unchanged.\n"
+        )
         return 1
     return 0
 

@@ -364,3 +364,57 @@ def test_stdout_closed_by_the_reader_fails_once_with_a_state_message(orb, tmp_pa
     assert "dead_letter_path" not in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(orb.events()) == 5  # delivered before the STATE that failed
+
+
+def _deadletter_cli(*args: str) -> list[list[str]]:
+    import sys
+    from pathlib import Path
+
+    script = str(Path(sys.executable).with_name("target-orb-deadletter"))
+    return [[script, *args], [sys.executable, "-m", "target_orb.deadletter", *args]]
+
+
+def test_deadletter_console_script_and_module_replay_the_same_stream(tmp_path):
+    import subprocess
+
+    path = tmp_path / "dl.jsonl"
+    lines = [
+        {"stream": "tracks", "record": {"messageId": "m1", "n": 1.5}, "reason": "r",
+         "source": "orb"},
+        {"stream": "pages", "record": {"messageId": "m2"}, "reason": "r", "source": "local"},
+        {"stream": "tracks", "record": {"messageId": "m3"}, "reason": "r", "source": "local"},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    outputs = []
+    for cmd in _deadletter_cli("replay", str(path)):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert outputs[0] == outputs[1]
+    messages = [json.loads(line) for line in outputs[0].splitlines()]
+    assert [(m["type"], m["stream"]) for m in messages] == [
+        ("SCHEMA", "tracks"), ("RECORD", "tracks"), ("SCHEMA", "pages"), ("RECORD", "pages"),
+        ("RECORD", "tracks"),
+    ]
+    assert [m["record"] for m in messages if m["type"] == "RECORD"] == [
+        line["record"] for line in lines
+    ]
+
+
+def test_deadletter_console_script_refuses_a_foreign_file_clearly(tmp_path):
+    import subprocess
+
+    path = tmp_path / "not-dead-letters.jsonl"
+    path.write_text('{"stream": "tracks", "record": {}}\nnot json\n')
+    cmd = _deadletter_cli("replay", str(path))[0]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 1
+    assert "line 2 is not JSON" in proc.stderr
+    assert "dead_letter_path" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    missing = subprocess.run([*cmd[:-1], str(tmp_path / "absent.jsonl")], capture_output=True,
+                             text=True, timeout=30, check=False)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    help_text = subprocess.run([cmd[0], "--help"], capture_output=True, text=True, timeout=30,
+                               check=False).stdout
+    assert "target-orb-deadletter" in help_text

@@ -591,11 +591,12 @@ def test_dead_letter_file_is_durable_secret_free_and_resendable(orb, tmp_path):
     assert oct(first.dead_letter_path.stat().st_mode & 0o777) == oct(0o600)
 
     # "Fix the cause" in Orb, then re-send as the README documents:
-    #   python -m target_orb.deadletter replay FILE > resend.singer
+    #   target-orb-deadletter replay FILE > resend.singer
     #   mv FILE dead-letter.resent.jsonl; target-orb --config config.json --input resend.singer
     orb.set_bad_keys(None)
     replay = subprocess.run(
-        [sys.executable, "-m", "target_orb.deadletter", "replay", str(first.dead_letter_path)],
+        [str(Path(sys.executable).with_name("target-orb-deadletter")), "replay",
+         str(first.dead_letter_path)],
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert replay.returncode == 0, replay.stderr
