@@ -33,6 +33,12 @@ class RunStats:
         self.retries = 0
         self.requests = 0
         self.pending = 0
+        # Identify → customer metadata (identify_policy: customer_metadata).
+        self.identifies_read = 0
+        self.identifies_skipped: collections.Counter[str] = collections.Counter()
+        self.customers_updated = 0
+        self.identify_updates_merged = 0
+        self.customers_not_found = 0
 
     def add_retry(self) -> None:
         """Count one retry (called from delivery threads)."""
@@ -71,6 +77,20 @@ class RunStats:
             "requests": self.requests,
             "retries": self.retries,
             "seconds": round(self._clock() - self.started, 3),
+            **self._identify_metrics(),
+        }
+
+    def _identify_metrics(self) -> dict[str, t.Any]:
+        if not self.identifies_read:
+            return {}
+        return {
+            "identify": {
+                "identifies_read": self.identifies_read,
+                "customers_updated": self.customers_updated,
+                "updates_merged": self.identify_updates_merged,
+                "customers_not_found": self.customers_not_found,
+                "skipped": dict(self.identifies_skipped),
+            },
         }
 
     def summary(self, *, dead_letter_path: str | None, dry_run: bool, failed: bool) -> str:
@@ -106,6 +126,14 @@ class RunStats:
             f"  rejected by Orb:       {self.rejected_by_orb}",
             f"  requests / retries:    {self.requests} / {self.retries}",
         ]
+        if self.identifies_read:
+            lines += [
+                f"  identifies read:       {self.identifies_read}",
+                f"  customers updated:     {self.customers_updated}",
+                f"  updates merged:        {self.identify_updates_merged}",
+                f"  customers not found:   {self.customers_not_found}",
+                f"  identifies skipped:    {by_reason(self.identifies_skipped)}",
+            ]
         if self.keys_derived:
             lines.append(f"  keys derived (no key): {self.keys_derived}")
         if self.dead_lettered and dead_letter_path:

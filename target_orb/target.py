@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from target_orb import jsonutil
 from target_orb.client import OrbClient
+from target_orb.customers import CustomerUpdater
 from target_orb.deadletter import DeadLetterWriter
 from target_orb.delivery import Deliverer
 from target_orb.errors import (
@@ -33,6 +34,7 @@ from target_orb.errors import (
     OrbRetryExhaustedError,
     TerminatedError,
 )
+from target_orb.identify import build_identify_spec
 from target_orb.pipeline import Pipeline
 from target_orb.ratelimit import RateLimiter
 from target_orb.reader import OrbMessageReader
@@ -123,6 +125,16 @@ class _Runtime:
             ingest_url=f"{s.api_url}/ingest",
             interrupt_main_on_failure=target.is_cli_run,
             progress_interval=s.progress_interval_seconds,
+        )
+        # Identify → customer metadata; None under `identify_policy: skip` (nothing changes).
+        self.identify = build_identify_spec(config, self.spec)
+        self.customers = CustomerUpdater(
+            client=self.client,
+            deliverer=deliverer,
+            pipeline=self.pipeline,
+            limiter=self.write_limiter,
+            stats=self.stats,
+            api_url=s.api_url,
         )
 
     def ensure_started(self) -> None:
