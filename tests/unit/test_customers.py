@@ -172,6 +172,7 @@ def test_a_failed_update_stops_later_updates_of_that_customer(harness):
     assert orb.arrived[a].wait(5)
     h.submit(("a", {"plan": "pro"}))
     h.pipeline.offer_state({"s": 2})
+    time.sleep(0.1)  # time for a wrongly unordered second PUT to go out
     orb.release(a)
     with pytest.raises(OrbFatalError) as info:
         h.pipeline.wait_all()
