@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import typing as t
-from decimal import Decimal
 from pathlib import Path
 from urllib.parse import quote
 
@@ -300,7 +299,7 @@ def test_updates_of_one_customer_in_a_batch_are_merged_in_input_order(orb, tmp_p
         identify("cus_B", {"plan": "pro"}, 2),
         identify("cus_A", {"plan": "team", "lifetime_value": 10}, 3),
         identify("cus_A", {"seats": None}, 4),
-        identify("cus_A", {"lifetime_value": Decimal("12.5"), "seats": 5}, 5),
+        identify("cus_A", {"lifetime_value": 12.50, "seats": 5}, 5),
     ]
     lines = singer_lines(records)
     result = run_target(id_config(orb, tmp_path), lines, tmp_path)
