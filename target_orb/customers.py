@@ -100,7 +100,8 @@ class CustomerUpdater:
         self._limiter = limiter
         self._stats = stats
         self._api_url = api_url
-        # Messages and retry logs name the endpoint, never the customer (ids can be emails).
+        # Our messages and retry logs name the endpoint, not the customer (ids can be emails);
+        # Orb's own error summary is quoted as Orb wrote it.
         self._what = f"PUT {api_url}{CUSTOMER_PATH}{{id}}"
         self._chains = _CustomerChains()
 
