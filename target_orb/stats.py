@@ -33,6 +33,14 @@ class RunStats:
         self.retries = 0
         self.requests = 0
         self.pending = 0
+        # late_event_policy: backfill (target_orb/backfill.py)
+        self.late_events = 0  # late events read (mapped, routed to backfills)
+        self.late_rerouted = 0  # live events Orb rejected as too old, routed to backfills
+        self.already_in_orb = 0  # late events whose key Orb already held (not sent)
+        self.events_backfilled = 0  # events Orb acknowledged into a backfill
+        self.backfills_created = 0
+        self.backfills: list[dict[str, t.Any]] = []  # every backfill the run created
+        self.backfill_plan: list[dict[str, t.Any]] = []  # dry run: windows and counts
         # Identify → customer metadata (identify_policy: customer_metadata).
         self.identifies_read = 0
         self.identifies_skipped: collections.Counter[str] = collections.Counter()
@@ -77,8 +85,21 @@ class RunStats:
             "requests": self.requests,
             "retries": self.retries,
             "seconds": round(self._clock() - self.started, 3),
-            **self._identify_metrics(),
+        } | self._backfill_dict() | self._identify_metrics()
+
+    def _backfill_dict(self) -> dict[str, t.Any]:
+        if not (self.late_events or self.late_rerouted or self.backfills or self.backfill_plan):
+            return {}
+        out: dict[str, t.Any] = {
+            "late_events": self.late_events,
+            "late_rerouted": self.late_rerouted,
+            "already_in_orb": self.already_in_orb,
+            "events_backfilled": self.events_backfilled,
+            "backfills": list(self.backfills),
         }
+        if self.backfill_plan:
+            out["backfill_plan"] = list(self.backfill_plan)
+        return out
 
     def _identify_metrics(self) -> dict[str, t.Any]:
         if not self.identifies_read:
@@ -126,6 +147,23 @@ class RunStats:
             f"  rejected by Orb:       {self.rejected_by_orb}",
             f"  requests / retries:    {self.requests} / {self.retries}",
         ]
+        if self.late_events or self.late_rerouted or self.backfills:
+            lines.append(
+                f"  late events:           {self.late_events} (+{self.late_rerouted} Orb "
+                "rejected as too old) -> backfills",
+            )
+            lines.append(f"  already in Orb:        {self.already_in_orb} (not sent again)")
+            lines.append(f"  events backfilled:     {self.events_backfilled}")
+            for row in self.backfills:
+                lines.append(
+                    f"  backfill {row['id']}: {row['timeframe_start']}..{row['timeframe_end']}"
+                    f", {row['events']} events, {row['status']}",
+                )
+        for row in self.backfill_plan:
+            lines.append(
+                f"  backfill plan: {row['timeframe_start']}..{row['timeframe_end']}, "
+                f"{row['events']} events",
+            )
         if self.identifies_read:
             lines += [
                 f"  identifies read:       {self.identifies_read}",
