@@ -361,7 +361,8 @@ def warehouse_track(n: int, user: str) -> dict[str, t.Any]:
             "timestamp": recent(), "received_at": recent(), "tokens": n}
 
 
-def test_warehouse_identifies_stream_rows_are_identify_calls(orb, tmp_path):
+@pytest.mark.parametrize("stream", ["identifies", "public-identifies"])
+def test_warehouse_identifies_stream_rows_are_identify_calls(orb, tmp_path, stream):
     orb.add_customer("cus_A")
     orb.add_customer("cus_B")
     config = id_config(orb, tmp_path, record_preset="segment_warehouse")
@@ -371,8 +372,7 @@ def test_warehouse_identifies_stream_rows_are_identify_calls(orb, tmp_path):
         warehouse_identify(1, "cus_A", order_completed_last_30days=True, plan="pro"),
         warehouse_identify(2, "cus_B", order_completed_last_30days=False),
     ]
-    lines = singer_lines(identifies, stream="public-identifies", schema=WAREHOUSE_SCHEMA,
-                         final_state=False)
+    lines = singer_lines(identifies, stream=stream, schema=WAREHOUSE_SCHEMA, final_state=False)
     lines += singer_lines([warehouse_track(3, "cus_A")], stream="public-tracks",
                           schema=WAREHOUSE_SCHEMA)
     result = run_target(config, lines, tmp_path)
