@@ -8,13 +8,13 @@ import typing as t
 
 import fastjsonschema
 from singer_sdk.exceptions import InvalidRecord
-from singer_sdk.sinks import BatchSink
 from singer_sdk.sinks.core import BaseJSONSchemaValidator
 from typing_extensions import override
 
 from target_orb.deadletter import entry
 from target_orb.identify import Skipped, Update, is_identify, is_identify_stream, map_identify
 from target_orb.mapping import Invalid, Mapped, Skip, dedupe_request, map_record
+from target_orb.sdk_seam import SeamSink
 from target_orb.settings import MAX_EVENTS_PER_REQUEST
 
 if t.TYPE_CHECKING:
@@ -50,7 +50,7 @@ class FastJSONSchemaValidator(BaseJSONSchemaValidator):
             raise InvalidRecord(exc.message, record) from None
 
 
-class OrbSink(BatchSink):
+class OrbSink(SeamSink):
     """One sink per stream; all sinks share the target's pipeline, stats and dead letters."""
 
     MAX_SIZE_DEFAULT = MAX_EVENTS_PER_REQUEST  # Orb /v1/ingest takes at most 500 events
@@ -77,12 +77,7 @@ class OrbSink(BatchSink):
         identify = self._runtime.identify
         self._identify_stream = identify is not None and is_identify_stream(stream_name, identify)
         super().__init__(target, stream_name, schema, key_properties)
-        self._max_size = self.max_size  # config-only; read once, not per record
-
-    @property
-    @override
-    def is_full(self) -> bool:
-        return self._batch_records_read >= self._max_size
+        self._seam_max_size = self.max_size  # config-only; read once, not per record
 
     @property
     @override
@@ -100,26 +95,29 @@ class OrbSink(BatchSink):
             return super().get_validator()
 
     @override
-    def _validate_and_parse(self, record: dict) -> dict:
-        """Validate without crashing on schema drift; never convert datetimes.
+    def check_record(self, validator: BaseJSONSchemaValidator, record: dict) -> None:
+        """Validate without crashing on schema drift (the SDK never parses timestamps here).
 
         A record that does not match the tap's schema is still offered to the mapping,
         which dead-letters it if it cannot become a valid event (schema drift such as an
         integer column holding "N/A" must not abort a billing run). Timestamps are
         parsed by target-orb's own timestamp code, so the SDK's parsing (which raises on
-        an unparseable value and rewrites the dead-letter record) is skipped.
+        an unparseable value and rewrites the dead-letter record) is skipped
+        (target_orb/sdk_seam.py, item 6).
+
+        Args:
+            validator: The stream's validator.
+            record: The record.
         """
-        if self._validator is not None:
-            try:
-                self._validator.validate(record)
-            except InvalidRecord as exc:
-                self._schema_warnings += 1
-                if self._schema_warnings <= _MAX_SCHEMA_WARNINGS:
-                    self.logger.warning(
-                        "Record does not match the stream schema (%s); mapping it anyway.",
-                        exc.args[0] if exc.args else exc,
-                    )
-        return record
+        try:
+            validator.validate(record)
+        except InvalidRecord as exc:
+            self._schema_warnings += 1
+            if self._schema_warnings <= _MAX_SCHEMA_WARNINGS:
+                self.logger.warning(
+                    "Record does not match the stream schema (%s); mapping it anyway.",
+                    exc.args[0] if exc.args else exc,
+                )
 
     @override
     def process_record(self, record: dict, context: dict) -> None:
