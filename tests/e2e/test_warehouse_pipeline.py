@@ -294,13 +294,39 @@ def test_amounts_arrive_as_exact_numbers(runs: Runs) -> None:
     assert runs.first.landed["wh-order-2h"]["properties"] == {"amount": 0.1, "currency": "EUR"}
 
 
-def test_second_identical_run_lands_nothing_new(runs: Runs) -> None:
+def _sends(snap: Snapshot) -> dict[str, int]:
+    return dict(snap.stats["key_send_counts"])
+
+
+def test_second_identical_run_lands_nothing_new(runs: Runs, scenario: wh.Scenario) -> None:
     assert runs.second.landed == runs.first.landed
-    assert runs.second.state is not None
-    assert runs.second.state["singer_state"]["bookmarks"][wh.STREAM]["replication_key"] == "uuid_ts"
+    state = runs.second.state
+    assert state is not None
+    bookmark = state["singer_state"]["bookmarks"][wh.STREAM]
+    assert bookmark["replication_key"] == "uuid_ts"
+    last = max(r.columns["uuid_ts"] for r in scenario.rows)
+    assert dt.datetime.fromisoformat(bookmark["replication_key_value"]) == last
+    # The tap resumed from its bookmark (`uuid_ts >= bookmark`): only the last-loaded row
+    # (the second copy of wh-fresh-dup) was read again and sent again; Orb kept its first copy.
+    log = runs.second.result.stderr
+    assert f"Starting incremental sync of '{wh.STREAM}' with bookmark value: " in log
+    first, second = _sends(runs.first), _sends(runs.second)
+    assert {k: second[k] - first.get(k, 0) for k in second if second[k] != first.get(k)} == {
+        "wh-fresh-dup": 1
+    }
+    assert runs.second.dead_letters == runs.first.dead_letters  # nothing new dead-lettered
 
 
-def test_full_refresh_replay_lands_nothing_new(runs: Runs) -> None:
+def test_full_refresh_replay_lands_nothing_new(runs: Runs, scenario: wh.Scenario) -> None:
     assert runs.replay.landed == runs.first.landed
-    # The replay re-sent the fresh keys; Orb counted each as a duplicate, nothing changed.
-    assert runs.replay.stats["landed"] == runs.first.stats["landed"]
+    # Every fresh event was sent again under its key; Orb counted each as a duplicate.
+    fresh = {r.id for r in scenario.rows if r.outcome == "event" and not is_late(r, scenario.now)}
+    second, replay = _sends(runs.second), _sends(runs.replay)
+    assert {k for k in replay if replay[k] != second.get(k)} == fresh
+    assert all(replay[k] == second[k] + 1 for k in fresh)
+    # The replay dead-letters the same rows for the same reasons again (appended).
+    n = len(runs.first.dead_letters)
+    again = runs.replay.dead_letters[n:]
+    assert sorted((e["record"]["id"], e["reason"]) for e in again) == sorted(
+        (e["record"]["id"], e["reason"]) for e in runs.first.dead_letters
+    )
