@@ -23,6 +23,7 @@ from singer_sdk.plugin_base import _ConfigInput
 from typing_extensions import override
 
 from target_orb import jsonutil
+from target_orb.backfill import BackfillManager, OwnershipRecord, record_path_for
 from target_orb.client import OrbClient
 from target_orb.deadletter import DeadLetterWriter
 from target_orb.delivery import Deliverer
@@ -88,6 +89,7 @@ class _Runtime:
         self._derived_warned = False
         deliverer = None
         s = self.settings
+        self.ingest_limiter: RateLimiter | None = None
         # Orb budgets each kind of call separately (reference/orb-api.md §2.8): ingest, other
         # writes (backfill create/close, customer updates, amend/deprecate) and reads (search).
         self.write_limiter = RateLimiter()
@@ -97,7 +99,7 @@ class _Runtime:
                 s.api_url, config["api_key"], timeout=s.request_timeout,
                 pool_size=s.max_concurrent_requests,
             )
-            limiter = RateLimiter(
+            limiter = self.ingest_limiter = RateLimiter(
                 requests_per_second=s.max_requests_per_second,
                 events_per_minute=s.max_events_per_minute,
             )
@@ -124,6 +126,56 @@ class _Runtime:
             interrupt_main_on_failure=target.is_cli_run,
             progress_interval=s.progress_interval_seconds,
         )
+        self.backfills: BackfillManager | None = None
+        if self.spec.late_event_policy == "backfill":
+            self.backfills = BackfillManager(
+                client=self.client,
+                deliverer=deliverer,
+                make_ingest_deliverer=self._backfill_ingest_deliverer if self.client else None,
+                stats=self.stats,
+                record=OwnershipRecord(record_path_for(s.dead_letter_path), s.api_url),
+                write_limiter=self.write_limiter,
+                read_limiter=self.read_limiter,
+                grace_period_hours=self.spec.grace_period_hours,
+                max_retry_seconds=s.max_retry_seconds,
+                aborted=lambda: self.pipeline.sleep(0),
+            )
+
+    def _backfill_ingest_deliverer(self, send: t.Callable[[bytes, int], t.Any]) -> Deliverer:
+        """Ingest into one backfill: ingest's retry rules, budget and rate limits."""
+        assert self.client is not None
+        return Deliverer(
+            send,
+            url=f"{self.client.ingest_url}?backfill_id=…",
+            max_retry_seconds=self.settings.max_retry_seconds,
+            sleep=lambda seconds: self.pipeline.sleep(seconds),  # noqa: PLW0108
+            limiter=self.ingest_limiter,
+            on_retry=self.stats.add_retry,
+        )
+
+    def finish_backfills(self, *, failed: bool, budget: float = 60.0) -> None:
+        """Close every backfill this run created; on every exit path, once (never raises).
+
+        On failure the delivery threads are stopped first, so nothing is sent into a
+        backfill while it is being closed.
+
+        Args:
+            failed: The run failed or was stopped.
+            budget: Seconds of retries for each close call.
+        """
+        if self.backfills is None:
+            return
+        if failed:
+            self.pipeline.close(timeout=1.0)
+        closer = None
+        if self.client is not None:
+            closer = Deliverer(
+                self.client.post_ingest,
+                url=self.client.ingest_url,
+                max_retry_seconds=min(float(self.settings.max_retry_seconds), budget),
+                on_retry=self.stats.add_retry,
+            )
+        self.backfills.finish(failed=failed, closer=closer)
 
     def ensure_started(self) -> None:
         """Check the dead-letter path, then ping Orb once (never in dry-run mode).
@@ -137,6 +189,8 @@ class _Runtime:
         problem = self.dead_letters.check_writable()
         if problem is not None:
             raise OrbFatalError(problem + " Nothing was read or sent.")
+        if self.backfills is not None:
+            self.backfills.start()
         if self.client is not None:
             self.client.ping()
         else:
@@ -289,6 +343,8 @@ class TargetOrb(Target):
     def process_endofpipe(self) -> None:
         super().process_endofpipe()
         self.runtime.pipeline.wait_all()
+        # Every late event is in its backfill (or dead-lettered): close them now.
+        self.runtime.finish_backfills(failed=False)
         self.runtime.pipeline.close()
 
     @override
@@ -350,6 +406,7 @@ class TargetOrb(Target):
         finally:
             cls._ignore_signals()
             if target is not None:
+                target.runtime.finish_backfills(failed=failed)
                 target.runtime.summary(failed=failed)
                 target.runtime.shutdown()
 
@@ -373,6 +430,7 @@ class TargetOrb(Target):
                 pending,
             )
         if target is not None:
+            target.runtime.finish_backfills(failed=True)
             target.runtime.summary(failed=True)
             target.runtime.shutdown(timeout=1.0)
         logging.shutdown()
@@ -389,6 +447,7 @@ class TargetOrb(Target):
             signum, pending,
         )
         if target is not None:
+            target.runtime.finish_backfills(failed=True, budget=15.0)
             target.runtime.summary(failed=True)
             target.runtime.shutdown(timeout=1.0)
         logging.shutdown()
