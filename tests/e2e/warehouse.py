@@ -51,6 +51,8 @@ COLUMNS: dict[str, str] = {
     "properties": "jsonb",
 }
 TIMESTAMP_COLUMNS = ("timestamp", "original_timestamp", "sent_at", "received_at", "uuid_ts")
+READ_TIMEZONE = "America/New_York"  # the test databases' default: what the tap's session sees
+WRITE_TIMEZONE = "Asia/Kolkata"  # the loader's session zone when the rows were inserted
 
 
 def create_tracks_table(db: Database, schema: str = SCHEMA, table: str = TABLE) -> None:
@@ -469,3 +471,57 @@ def nasty_scenario(now: dt.datetime | None = None) -> Scenario:
         ),
     ]
     return sc
+
+
+# ---------------------------------------------------------------------------- stand-in helpers
+
+
+def orb_format(event: dict[str, t.Any]) -> dict[str, t.Any]:
+    """An expected event as the stand-in stores it (UTC, 6 fraction digits, JSON numbers)."""
+    out = dict(event)
+    out["timestamp"] = (
+        event["timestamp"].astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    )
+    out["properties"] = {
+        k: float(v) if isinstance(v, decimal.Decimal) else v for k, v in event["properties"].items()
+    }
+    return out
+
+
+def comparable(event: dict[str, t.Any]) -> dict[str, t.Any]:
+    """A landed event with its timestamp normalised to 6 fraction digits."""
+    out = dict(event)
+    ts = dt.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+    out["timestamp"] = ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return out
+
+
+def seed_orb(orb: t.Any, events: t.Iterable[dict[str, t.Any]]) -> None:
+    """Ingest events live into a stand-in, each at a stand-in time 1 min after its timestamp.
+
+    So old events are in Orb as if they had been sent on time (not through a backfill).
+    """
+    import requests
+
+    for event in events:
+        orb.set_now(event["timestamp"] + dt.timedelta(minutes=1))
+        try:
+            res = requests.post(
+                f"{orb.url}/ingest",
+                json={"events": [orb_format(event)]},
+                headers={"Authorization": f"Bearer {orb.api_key}"},
+                timeout=10,
+            )
+        finally:
+            orb.set_now(None)
+        assert res.status_code == 200, res.text
+        assert not res.json().get("validation_failed"), res.text
+
+
+def target_metrics(stderr: str) -> dict[str, t.Any]:
+    """The `target-orb metrics: {...}` JSON that target-orb logs at the end of a run."""
+    marker = "target-orb metrics: "
+    lines = [ln for ln in stderr.splitlines() if marker in ln]
+    assert len(lines) == 1, f"expected one `{marker}` line, got {len(lines)}"
+    text = lines[0].split(marker, 1)[1]
+    return json.JSONDecoder().raw_decode(text)[0]
