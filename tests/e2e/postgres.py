@@ -423,6 +423,10 @@ class Database:
     def execute(self, sql: str) -> None:
         self.server.psql(sql, database=self.name)
 
+    def scalar(self, sql: str) -> str:
+        """The single value one statement prints (e.g. `WITH u AS (UPDATE ...) SELECT ...`)."""
+        return self.server.psql(sql, database=self.name, tuples=True).strip()
+
     def query(self, sql: str) -> list[dict[str, t.Any]]:
         """Rows of a SELECT as dicts, through PostgreSQL's own JSON rendering.
 

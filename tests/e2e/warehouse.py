@@ -105,6 +105,40 @@ def insert_rows(
     db.execute("\n".join(statements))
 
 
+def update_rows(
+    db: Database,
+    row_id: str,
+    changes: dict[str, t.Any],
+    *,
+    write_timezone: str = "Asia/Kolkata",
+    schema: str = SCHEMA,
+    table: str = TABLE,
+) -> int:
+    """UPDATE every row with this `id` (a correction in the warehouse); returns rows changed.
+
+    `uuid_ts` is set to the database's now() unless `changes` sets it, as a reload would: the
+    tap bookmarks on `uuid_ts`, so the next incremental `meltano run` reads the changed row.
+    """
+    zone = ZoneInfo(write_timezone)
+    unknown = set(changes) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown columns {sorted(unknown)}")
+    sets = [f'"{c}" = {sql_literal(v, zone)}' for c, v in changes.items()]
+    if "uuid_ts" not in changes:
+        sets.append('"uuid_ts" = clock_timestamp()')
+    return int(
+        db.scalar(
+            f"WITH u AS (UPDATE {schema}.{table} SET {', '.join(sets)} "
+            f"WHERE id = {sql_literal(row_id, zone)} RETURNING 1) SELECT count(*) FROM u;"
+        )
+    )
+
+
+def delete_rows(db: Database, row_id: str, *, schema: str = SCHEMA, table: str = TABLE) -> None:
+    """DELETE every row with this `id` (a hard delete: an incremental tap never sees it)."""
+    db.execute(f"DELETE FROM {schema}.{table} WHERE id = {sql_literal(row_id, ZoneInfo('UTC'))};")
+
+
 # ---------------------------------------------------------------------------- the nasty rows
 
 
