@@ -31,6 +31,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -50,6 +51,28 @@ PSQL_TIMEOUT = 60
 
 _DEBIAN_BINDIRS = "/usr/lib/postgresql"
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+# Run by `python -c` beside each server: argv = owner pid, postmaster.pid path, base dir.
+_WATCHDOG = """
+import os, shutil, signal, sys, time
+owner, pidfile, base = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+while os.path.isdir(base):
+    try:
+        os.kill(owner, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.5)
+else:
+    sys.exit(0)
+try:
+    with open(pidfile) as fh:
+        os.kill(int(fh.readline()), signal.SIGQUIT)
+except (OSError, ValueError):
+    pass
+time.sleep(2)
+shutil.rmtree(base, ignore_errors=True)
+"""
 
 
 class PostgresUnavailable(Exception):
@@ -183,6 +206,7 @@ class PostgresServer:
     _as_user: pwd.struct_passwd | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _started: bool = False
+    _watchdog: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle
 
@@ -250,6 +274,10 @@ class PostgresServer:
                 except PostgresUnavailable:
                     self._kill_postmaster()
                 self._started = False
+            if self._watchdog is not None:
+                self._watchdog.kill()
+                self._watchdog.wait(timeout=10)
+                self._watchdog = None
             self._cleanup_dir()
 
     def _cleanup_dir(self) -> None:
@@ -362,6 +390,29 @@ class PostgresServer:
             self._kill_postmaster()
             raise PostgresUnavailable(f"{exc}\n--- server log (tail) ---\n{log}") from None
         self._started = True
+        self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        """A detached process that shuts the server down if this process dies without stop().
+
+        atexit does not run on SIGKILL, nor on SIGTERM without a handler (pytest has none):
+        without the watchdog a killed test run would leave PostgreSQL running.
+        """
+        assert self.base is not None
+        self._watchdog = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WATCHDOG,
+                str(os.getpid()),
+                str(self.datadir / "postmaster.pid"),
+                str(self.base),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # survives a kill of this process group
+        )
 
     def psql_env(self, database: str = "postgres") -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}

@@ -140,3 +140,40 @@ def _running(pid: int) -> bool:
         return True
     (state,) = [ln for ln in status.splitlines() if ln.startswith("State:")]
     return state.split()[1] not in ("Z", "X")
+
+
+def test_a_killed_test_run_leaves_no_server_running(postgres: PostgresServer) -> None:
+    """SIGKILL skips atexit and fixture finalizers: the watchdog shuts the server down."""
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from tests.e2e import postgres as pg\n"
+            f"s = pg.PostgresServer(Path({str(postgres.bindir)!r})).start()\n"
+            "pid = (s.datadir / 'postmaster.pid').read_text().splitlines()[0]\n"
+            "print(pid, s.base, flush=True)\n"
+            "time.sleep(120)\n",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        pid_text, base_text = child.stdout.readline().split()
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    pid, base = int(pid_text), Path(base_text)
+    deadline = time.monotonic() + 15
+    while (_running(pid) or base.exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(pid), "the postmaster outlived the killed test run"
+    assert not base.exists()
