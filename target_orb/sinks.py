@@ -12,6 +12,7 @@ from singer_sdk.sinks.core import BaseJSONSchemaValidator
 from typing_extensions import override
 
 from target_orb.deadletter import entry
+from target_orb.identify import Skipped, Update, is_identify, is_identify_stream, map_identify
 from target_orb.mapping import Invalid, Mapped, Skip, dedupe_request, map_record
 from target_orb.sdk_seam import SeamSink
 from target_orb.settings import MAX_EVENTS_PER_REQUEST
@@ -73,6 +74,8 @@ class OrbSink(SeamSink):
         self._schema_warnings = 0
         self._now = datetime.datetime.now(_UTC)
         self._now_at = time.monotonic()
+        identify = self._runtime.identify
+        self._identify_stream = identify is not None and is_identify_stream(stream_name, identify)
         super().__init__(target, stream_name, schema, key_properties)
         self._seam_max_size = self.max_size  # config-only; read once, not per record
 
@@ -123,6 +126,9 @@ class OrbSink(SeamSink):
         if time.monotonic() - self._now_at > _NOW_REFRESH_SECONDS:
             self._now = datetime.datetime.now(_UTC)
             self._now_at = time.monotonic()
+        if runtime.identify is not None and is_identify(record, self._identify_stream):
+            self._process_identify(record, context)
+            return
         result = map_record(record, self.stream_name, runtime.spec, self._now)
         if type(result) is Mapped:
             if result.key_derived:
@@ -134,6 +140,23 @@ class OrbSink(SeamSink):
             context.setdefault("records", []).append(record)
         elif type(result) is Skip:
             runtime.stats.skipped[result.reason] += 1
+        else:
+            assert isinstance(result, Invalid)
+            runtime.stats.invalid[result.code] += 1
+            context.setdefault("invalid", []).append(
+                entry(self.stream_name, record, result.reason, "local"),
+            )
+
+    def _process_identify(self, record: dict, context: dict) -> None:
+        """An Identify under `identify_policy: customer_metadata`: a metadata update."""
+        runtime = self._runtime
+        runtime.stats.identifies_read += 1
+        assert runtime.identify is not None
+        result = map_identify(record, runtime.identify)
+        if type(result) is Update:
+            context.setdefault("identifies", []).append((result, record))
+        elif type(result) is Skipped:
+            runtime.stats.identifies_skipped[result.reason] += 1
         else:
             assert isinstance(result, Invalid)
             runtime.stats.invalid[result.code] += 1
@@ -168,6 +191,9 @@ class OrbSink(SeamSink):
                 records = [records[i] for i in keep]
                 kept = keep
         runtime.pipeline.reject_local(self.stream_name, invalid)
+        identifies = context.get("identifies")
+        if identifies:
+            runtime.customers.submit(self.stream_name, identifies)
         if runtime.backfills is None:
             runtime.pipeline.submit(self.stream_name, events, records)
             return

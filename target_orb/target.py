@@ -21,6 +21,7 @@ from typing_extensions import override
 from target_orb import jsonutil
 from target_orb.backfill import BackfillManager, OwnershipRecord, record_path_for
 from target_orb.client import OrbClient
+from target_orb.customers import CustomerUpdater
 from target_orb.deadletter import DeadLetterWriter
 from target_orb.delivery import Deliverer
 from target_orb.errors import (
@@ -31,6 +32,7 @@ from target_orb.errors import (
     StateWriteError,
     TerminatedError,
 )
+from target_orb.identify import build_identify_spec
 from target_orb.pipeline import Pipeline
 from target_orb.ratelimit import RateLimiter
 from target_orb.sdk_seam import SeamMessageReader, SeamTarget
@@ -143,6 +145,16 @@ class _Runtime:
                 max_retry_seconds=s.max_retry_seconds,
                 aborted=self.abort.is_set,
             )
+        # Identify → customer metadata; None under `identify_policy: skip` (nothing changes).
+        self.identify = build_identify_spec(config, self.spec)
+        self.customers = CustomerUpdater(
+            client=self.client,
+            deliverer=deliverer,
+            pipeline=self.pipeline,
+            limiter=self.write_limiter,
+            stats=self.stats,
+            api_url=s.api_url,
+        )
 
     def _backfill_ingest_deliverer(self, send: t.Callable[[bytes, int], t.Any]) -> Deliverer:
         """Ingest into one backfill: ingest's retry rules, budget and rate limits."""
