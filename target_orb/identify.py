@@ -29,7 +29,7 @@ from target_orb.mapping import (
     get_path,
     is_disabled_by_integrations,
 )
-from target_orb.settings import MappingSpec, flatten_mapping
+from target_orb.settings import MappingSpec, flatten_mapping, resolve
 from target_orb.timestamps import format_orb, to_utc
 
 IDENTIFY_TYPE = "identify"
@@ -71,18 +71,19 @@ def build_identify_spec(config: t.Mapping[str, t.Any], spec: MappingSpec) -> Ide
     Returns:
         The spec, or None.
     """
-    if config.get("identify_policy") != "customer_metadata":
+    settings = resolve(config)
+    if settings["identify_policy"] != "customer_metadata":
         return None
-    warehouse = (config.get("record_preset") or "segment") == "segment_warehouse"
-    traits_field = config.get("traits_field")
+    warehouse = settings["record_preset"] == "segment_warehouse"
+    traits_field = settings["traits_field"]
     if traits_field is None:
         traits_field = None if warehouse else "traits"
-    streams = config.get("identify_streams")
+    streams = settings["identify_streams"]
     return IdentifySpec(
         customer_field=spec.customer_field,
         traits_field=traits_field,
-        traits_mapping=flatten_mapping(config.get("traits_mapping") or {}),
-        traits_passthrough=bool(config.get("traits_passthrough", False)),
+        traits_mapping=flatten_mapping(settings["traits_mapping"]),
+        traits_passthrough=bool(settings["traits_passthrough"]),
         identify_streams=frozenset(streams) if streams is not None else None,
         warehouse=warehouse,
         nested_properties=spec.nested_properties,

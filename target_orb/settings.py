@@ -1,7 +1,18 @@
-"""Settings: the config schema, the cross-field checks and the frozen settings objects."""
+"""Settings: the config schema, the checks it cannot express, and the frozen settings objects.
+
+Each setting is declared once, in `CONFIG_SCHEMA`: its type, default, range (`minimum`,
+`maximum`) and allowed values (`allowed_values`, taken from the `Literal` types below). The
+SDK validates a config against it (one message per problem) and `resolve()` fills in its
+defaults; the settings objects take their fields from `resolve()` by name. `config_problems`
+holds only what JSON Schema cannot say (rules across settings, nested mapping values, the
+api_url scheme). Adding a setting: its `_prop(...)` entry, and the code that reads it
+(`resolve(config)[name]`, or a field of the same name on a settings dataclass).
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import ipaddress
 import typing as t
 from dataclasses import dataclass
@@ -19,11 +30,6 @@ InvalidPolicy = t.Literal["dead_letter", "skip", "fail"]
 LatePolicy = t.Literal["reject", "send", "backfill"]
 IdentifyPolicy = t.Literal["skip", "customer_metadata"]
 
-RECORD_PRESETS = ("segment", "segment_warehouse")
-NESTED_POLICIES = ("flatten", "json_string", "drop", "reject")
-INVALID_POLICIES = ("dead_letter", "skip", "fail")
-LATE_POLICIES = ("reject", "send", "backfill")
-IDENTIFY_POLICIES = ("skip", "customer_metadata")
 
 # Segment warehouse system columns that never become properties (README, "Segment warehouse rows").
 WAREHOUSE_SYSTEM_COLUMNS = frozenset(
@@ -177,7 +183,7 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "`segment` (raw Segment JSON: messageId, userId, properties) or `segment_warehouse` "
         "(Segment warehouse rows: id, user_id, event_text, flat property columns).",
         default="segment",
-        allowed_values=list(RECORD_PRESETS),
+        allowed_values=list(t.get_args(RecordPreset)),
     ),
     _prop(
         "event_types",
@@ -220,7 +226,7 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "What happens to nested objects and arrays in properties: `flatten` (objects become "
         "`a_b` keys, arrays JSON strings), `json_string`, `drop`, or `reject` (invalid record).",
         default="flatten",
-        allowed_values=list(NESTED_POLICIES),
+        allowed_values=list(t.get_args(NestedPolicy)),
     ),
     _prop(
         "invalid_event_policy",
@@ -230,7 +236,7 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "`dead_letter` (write it to `dead_letter_path` and go on), `skip` (count and go on), "
         "or `fail` (stop the run).",
         default="dead_letter",
-        allowed_values=list(INVALID_POLICIES),
+        allowed_values=list(t.get_args(InvalidPolicy)),
     ),
     _prop(
         "dead_letter_path",
@@ -249,21 +255,21 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
     ),
     _prop(
         "batch_size_rows",
-        th.IntegerType,
+        th.IntegerType(minimum=1, maximum=MAX_EVENTS_PER_REQUEST),
         "Batch size",
         "Events per request to Orb, at most 500.",
         default=MAX_EVENTS_PER_REQUEST,
     ),
     _prop(
         "max_concurrent_requests",
-        th.IntegerType,
+        th.IntegerType(minimum=1),
         "Max concurrent requests",
         "Ingest requests in flight at once, shared by all streams.",
         default=4,
     ),
     _prop(
         "request_timeout",
-        th.IntegerType,
+        th.IntegerType(minimum=1),
         "Request timeout",
         "Seconds to wait for Orb to answer one request (read timeout; connect timeout is "
         "the smaller of this and 10 s).",
@@ -271,7 +277,7 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
     ),
     _prop(
         "max_retry_seconds",
-        th.IntegerType,
+        th.IntegerType(minimum=1),
         "Max retry seconds",
         "Total time budget for retrying one request (429, 5xx, timeouts) before the run fails.",
         default=600,
@@ -286,37 +292,37 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "closed before the run ends; keys Orb already holds are left out). See README "
         "\"Loading history\".",
         default="reject",
-        allowed_values=list(LATE_POLICIES),
+        allowed_values=list(t.get_args(LatePolicy)),
     ),
     _prop(
         "grace_period_hours",
-        th.IntegerType,
+        th.IntegerType(minimum=0),
         "Grace period hours",
         "Your Orb account's ingestion grace period; older events are late.",
         default=12,
     ),
     _prop(
         "future_tolerance_seconds",
-        th.IntegerType,
+        th.IntegerType(minimum=0),
         "Future tolerance seconds",
         "Events further than this in the future are invalid (Orb allows 5 minutes).",
         default=300,
     ),
     _prop(
         "max_requests_per_second",
-        th.IntegerType,
+        th.IntegerType(minimum=1),
         "Max requests per second",
         "Client-side cap on ingest requests per second, shared by all streams. Off by default.",
     ),
     _prop(
         "max_events_per_minute",
-        th.IntegerType,
+        th.IntegerType(minimum=1),
         "Max events per minute",
         "Client-side cap on events per minute, shared by all streams. Off by default.",
     ),
     _prop(
         "progress_interval_seconds",
-        th.IntegerType,
+        th.IntegerType(minimum=0),
         "Progress interval seconds",
         "Log a progress line on stderr this often; 0 turns it off.",
         default=30,
@@ -342,7 +348,7 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "`traits_mapping` as strings; a null trait deletes its key. Merged per customer in "
         "input order; a customer Orb does not know is dead-lettered.",
         default="skip",
-        allowed_values=list(IDENTIFY_POLICIES),
+        allowed_values=list(t.get_args(IdentifyPolicy)),
     ),
     _prop(
         "traits_field",
@@ -383,9 +389,54 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
 ).to_dict()
 
 
+def resolve(config: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
+    """Every setting `CONFIG_SCHEMA` declares, with its schema default where it is unset.
+
+    A setting that is missing or null counts as unset (Meltano and `--config ENV` send
+    null for an empty value). Settings without a schema default resolve to None (some take
+    a default from `record_preset`: see `PRESET_DEFAULTS`).
+
+    Args:
+        config: A config (the SDK's, or a plain dict in tests).
+
+    Returns:
+        Setting name → value.
+    """
+    resolved: dict[str, t.Any] = {}
+    for name, prop in CONFIG_SCHEMA["properties"].items():
+        value = config.get(name)
+        resolved[name] = copy.deepcopy(prop.get("default")) if value is None else value
+    return resolved
+
+
+_D = t.TypeVar("_D")
+
+
+def _from_settings(cls: type[_D], resolved: t.Mapping[str, t.Any], **derived: t.Any) -> _D:
+    """Build a settings dataclass: each field named after a setting takes its value.
+
+    Args:
+        cls: The dataclass.
+        resolved: `resolve(config)`.
+        derived: Values of the fields that are not plain settings.
+
+    Returns:
+        The instance.
+    """
+    values = {
+        f.name: resolved[f.name] for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.name not in derived
+    }
+    return cls(**values, **derived)
+
+
 @dataclass(frozen=True, slots=True)
 class MappingSpec:
-    """How one record becomes one Orb event; built once from the config."""
+    """How one record becomes one Orb event; built once from the config.
+
+    Fields named after a setting hold its resolved value; the others are derived from the
+    preset (`build_mapping_spec`).
+    """
 
     event_name_field: str
     event_name_fallback: str | None
@@ -403,25 +454,25 @@ class MappingSpec:
     integration_name: str
     event_allowlist: frozenset[str] | None
     event_denylist: frozenset[str]
-    late_event_policy: LatePolicy = "reject"
-    grace_period_hours: int = 12
-    future_tolerance_seconds: int = 300
+    late_event_policy: LatePolicy
+    grace_period_hours: int
+    future_tolerance_seconds: int
 
 
 @dataclass(frozen=True, slots=True)
 class DeliverySettings:
-    """How events travel to Orb."""
+    """How events travel to Orb; every field is the setting of the same name."""
 
     api_url: str
-    max_concurrent_requests: int = 4
-    request_timeout: int = 60
-    max_retry_seconds: int = 600
-    max_requests_per_second: int | None = None
-    max_events_per_minute: int | None = None
-    dry_run: bool = False
-    invalid_event_policy: InvalidPolicy = "dead_letter"
-    dead_letter_path: str = "target-orb-dead-letter.jsonl"
-    progress_interval_seconds: int = 30
+    max_concurrent_requests: int
+    request_timeout: int
+    max_retry_seconds: int
+    max_requests_per_second: int | None
+    max_events_per_minute: int | None
+    dry_run: bool
+    invalid_event_policy: InvalidPolicy
+    dead_letter_path: str
+    progress_interval_seconds: int
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -436,10 +487,14 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def config_problems(config: t.Mapping[str, t.Any]) -> list[str]:
-    """Every cross-field problem in a config, each naming the setting and the way out.
+    """What the config schema cannot check, each problem once, naming the way out.
+
+    Types, ranges and allowed values are checked by the SDK against `CONFIG_SCHEMA` (so a
+    value is reported once, by the schema). Here: rules across settings, the leaves of
+    nested mapping objects, and the api_url scheme.
 
     Args:
-        config: The parsed config (defaults already applied by the SDK).
+        config: The parsed config.
 
     Returns:
         Messages; empty when the config is usable.
@@ -449,7 +504,7 @@ def config_problems(config: t.Mapping[str, t.Any]) -> list[str]:
     ext_field = config.get("external_customer_id_field")
     cust_field = config.get("customer_id_field")
     if preset == "segment_warehouse" and not ext_field and not cust_field:
-        ext_field = "user_id"
+        ext_field = PRESET_DEFAULTS[preset]["external_customer_id_field"]
     if not ext_field and not cust_field:
         problems.append(
             "Neither `external_customer_id_field` nor `customer_id_field` is set: set one, "
@@ -460,38 +515,8 @@ def config_problems(config: t.Mapping[str, t.Any]) -> list[str]:
             "Both `external_customer_id_field` and `customer_id_field` are set; Orb takes "
             "exactly one customer field per event. Remove one of them.",
         )
-    batch = config.get("batch_size_rows")
-    if isinstance(batch, int) and not 1 <= batch <= MAX_EVENTS_PER_REQUEST:
-        problems.append(
-            f"`batch_size_rows` is {batch}; Orb accepts 1 to {MAX_EVENTS_PER_REQUEST} events "
-            "per request. Set it to 500 or less.",
-        )
     for name in ("properties_mapping", "traits_mapping"):
-        mapping = config.get(name) or {}
-        if not isinstance(mapping, t.Mapping):
-            problems.append(f"`{name}` must be an object of string → string.")
-            continue
-        mapping = flatten_mapping(mapping)
-        bad = [k for k, v in mapping.items() if not isinstance(v, str)]
-        if bad:
-            problems.append(
-                f"`{name}` has non-string values for {sorted(map(str, bad))}; every key and "
-                "value must be a string (Segment's Orb destination has the same rule).",
-            )
-        empty = [k for k, v in mapping.items() if isinstance(v, str) and not v.strip()]
-        if empty:
-            problems.append(f"`{name}` maps {sorted(empty)} to an empty Orb key.")
-    enums = {
-        "record_preset": RECORD_PRESETS,
-        "nested_properties": NESTED_POLICIES,
-        "invalid_event_policy": INVALID_POLICIES,
-        "late_event_policy": LATE_POLICIES,
-        "identify_policy": IDENTIFY_POLICIES,
-    }
-    for name, allowed in enums.items():
-        value = config.get(name)
-        if value is not None and value not in allowed:
-            problems.append(f"`{name}` is {value!r}; use one of {', '.join(allowed)}.")
+        problems += _mapping_problems(name, config.get(name))
     if config.get("identify_policy") == "customer_metadata":
         if cust_field:
             problems.append(
@@ -505,32 +530,42 @@ def config_problems(config: t.Mapping[str, t.Any]) -> list[str]:
                 "an Identify record becomes a customer metadata update, not a usage event. "
                 "Remove `identify` from `event_types`.",
             )
-    positive = (
-        "max_concurrent_requests",
-        "request_timeout",
-        "max_retry_seconds",
-        "max_requests_per_second",
-        "max_events_per_minute",
-    )
-    for name in positive:
-        value = config.get(name)
-        if isinstance(value, int) and value < 1:
-            problems.append(f"`{name}` is {value}; it must be at least 1 (or unset).")
-    for name in ("grace_period_hours", "future_tolerance_seconds", "progress_interval_seconds"):
-        value = config.get(name)
-        if isinstance(value, int) and value < 0:
-            problems.append(f"`{name}` is {value}; it must be 0 or more.")
-    api_url = config.get("api_url") or DEFAULT_API_URL
-    if not isinstance(api_url, str):
-        return problems
-    parts = urlsplit(api_url)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        problems.append(f"`api_url` {api_url!r} is not an http(s) URL.")
-    elif parts.scheme != "https" and not _is_loopback(parts.hostname):
+    api_url = config.get("api_url")
+    if isinstance(api_url, str):
+        parts = urlsplit(api_url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            problems.append(f"`api_url` {api_url!r} is not an http(s) URL.")
+        elif parts.scheme != "https" and not _is_loopback(parts.hostname):
+            problems.append(
+                f"`api_url` {api_url!r} is not https://; plain http is only allowed for a "
+                "loopback host (a local stand-in). Use https://api.withorb.com/v1.",
+            )
+    return problems
+
+
+def _mapping_problems(name: str, mapping: t.Any) -> list[str]:
+    """Leaves of a `*_mapping` object: strings, not blank (the schema checks the top level)."""
+    if not isinstance(mapping, t.Mapping):
+        return []  # null means the default; any other type is the schema's to report
+    flat = flatten_mapping(mapping)
+    problems = []
+    # A top-level value that is neither string nor object is the schema's error already;
+    # the leaves inside nested objects are checked here.
+    bad = [
+        path
+        for key, value in mapping.items()
+        if isinstance(value, t.Mapping)
+        for path, leaf in flatten_mapping(value, f"{key}.").items()
+        if not isinstance(leaf, str)
+    ]
+    if bad:
         problems.append(
-            f"`api_url` {api_url!r} is not https://; plain http is only allowed for a "
-            "loopback host (a local stand-in). Use https://api.withorb.com/v1.",
+            f"`{name}` has non-string values for {sorted(bad)}; every key and value must be "
+            "a string (Segment's Orb destination has the same rule).",
         )
+    empty = [k for k, v in flat.items() if isinstance(v, str) and not v.strip()]
+    if empty:
+        problems.append(f"`{name}` maps {sorted(empty)} to an empty Orb key.")
     return problems
 
 
@@ -543,46 +578,33 @@ def build_mapping_spec(config: t.Mapping[str, t.Any]) -> MappingSpec:
     Returns:
         The frozen spec the pure mapping uses.
     """
-    preset = config.get("record_preset") or "segment"
-    defaults = PRESET_DEFAULTS[preset]
-
-    def pick(name: str) -> t.Any:
-        value = config.get(name)
-        return defaults.get(name) if value is None else value
-
-    cust_field = config.get("customer_id_field")
-    if cust_field:
-        customer_field, customer_key = cust_field, "customer_id"
+    resolved = resolve(config)
+    preset = resolved["record_preset"]
+    for name, value in PRESET_DEFAULTS[preset].items():
+        if resolved[name] is None:
+            resolved[name] = value
+    if config.get("customer_id_field"):
+        customer_field, customer_key = resolved["customer_id_field"], "customer_id"
     else:
-        customer_field = pick("external_customer_id_field")
+        customer_field = resolved["external_customer_id_field"]
         customer_key = "external_customer_id"
-    event_name_field = pick("event_name_field")
-    fallback = (
-        "event"
-        if preset == "segment_warehouse" and config.get("event_name_field") is None
-        else None
-    )
-    allow = config.get("event_allowlist")
-    return MappingSpec(
-        event_name_field=event_name_field,
-        event_name_fallback=fallback,
+    allow = resolved["event_allowlist"]
+    return _from_settings(
+        MappingSpec,
+        resolved,
+        event_name_fallback=(
+            "event"
+            if preset == "segment_warehouse" and config.get("event_name_field") is None
+            else None
+        ),
         customer_field=customer_field,
-        customer_key=customer_key,  # type: ignore[arg-type]
-        idempotency_key_field=pick("idempotency_key_field"),
-        timestamp_field=pick("timestamp_field"),
-        properties_field=pick("properties_field"),
-        properties_mapping=flatten_mapping(config.get("properties_mapping") or {}),
-        properties_passthrough=bool(pick("properties_passthrough")),
-        warehouse_columns=preset == "segment_warehouse" and pick("properties_field") == "",
-        nested_properties=config.get("nested_properties") or "flatten",
-        event_types=frozenset(config.get("event_types") or ["track"]),
-        honor_integrations=bool(config.get("honor_integrations", True)),
-        integration_name=config.get("integration_name") or "Orb",
+        customer_key=customer_key,
+        properties_mapping=flatten_mapping(resolved["properties_mapping"]),
+        properties_passthrough=bool(resolved["properties_passthrough"]),
+        warehouse_columns=preset == "segment_warehouse" and resolved["properties_field"] == "",
+        event_types=frozenset(resolved["event_types"]),
         event_allowlist=frozenset(allow) if allow is not None else None,
-        event_denylist=frozenset(config.get("event_denylist") or ()),
-        late_event_policy=config.get("late_event_policy") or "reject",
-        grace_period_hours=int(config.get("grace_period_hours", 12)),
-        future_tolerance_seconds=int(config.get("future_tolerance_seconds", 300)),
+        event_denylist=frozenset(resolved["event_denylist"] or ()),
     )
 
 
@@ -595,15 +617,5 @@ def build_delivery_settings(config: t.Mapping[str, t.Any]) -> DeliverySettings:
     Returns:
         The frozen delivery settings.
     """
-    return DeliverySettings(
-        api_url=(config.get("api_url") or DEFAULT_API_URL).rstrip("/"),
-        max_concurrent_requests=int(config.get("max_concurrent_requests") or 4),
-        request_timeout=int(config.get("request_timeout") or 60),
-        max_retry_seconds=int(config.get("max_retry_seconds") or 600),
-        max_requests_per_second=config.get("max_requests_per_second"),
-        max_events_per_minute=config.get("max_events_per_minute"),
-        dry_run=bool(config.get("dry_run", False)),
-        invalid_event_policy=config.get("invalid_event_policy") or "dead_letter",
-        dead_letter_path=config.get("dead_letter_path") or "target-orb-dead-letter.jsonl",
-        progress_interval_seconds=int(config.get("progress_interval_seconds", 30)),
-    )
+    resolved = resolve(config)
+    return _from_settings(DeliverySettings, resolved, api_url=resolved["api_url"].rstrip("/"))

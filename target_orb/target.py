@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import os
@@ -261,7 +262,9 @@ class TargetOrb(SeamTarget):
 
     name = "target-orb"
     package_name = "target-orb"
-    config_jsonschema = CONFIG_SCHEMA
+    # A copy: the SDK adds its built-in settings (stream_maps, load_method…) to this dict in
+    # place, and settings.CONFIG_SCHEMA stays target-orb's own declarations.
+    config_jsonschema = copy.deepcopy(CONFIG_SCHEMA)
     default_sink_class = OrbSink
     message_reader_class = SeamMessageReader
     # No `schema-flattening`: it would turn `properties.x` into `properties__x` keys.

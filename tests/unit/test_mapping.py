@@ -604,21 +604,47 @@ def test_dedupe_collapses_equal_and_rejects_different_bodies():
 # --- config problems ---------------------------------------------------------------------------
 
 
-def test_config_problems_name_every_bad_setting():
-    problems = config_problems(
+def config_errors(config: dict) -> list[str]:
+    """Every problem the user is shown for `config` (schema checks and the cross-field rules)."""
+    from singer_sdk.exceptions import ConfigValidationError
+
+    from target_orb.target import TargetOrb
+
+    with pytest.raises(ConfigValidationError) as info:
+        TargetOrb(config=config, validate_config=True, parse_env_config=False)
+    return list(info.value.errors)
+
+
+def test_config_errors_name_every_bad_setting_once():
+    errors = config_errors(
         {
+            "api_key": "k",
             "batch_size_rows": 501,
-            "properties_mapping": {"a": 1, "b": "ok"},
+            "max_concurrent_requests": 0,
+            "properties_mapping": {"a": 1, "b": "ok", "c": {"d": 2}},
             "nested_properties": "explode",
             "invalid_event_policy": "ignore",
             "api_url": "http://orb.example.com/v1",
         },
     )
-    text = "\n".join(problems)
-    for name in ("external_customer_id_field", "batch_size_rows", "properties_mapping",
-                 "nested_properties", "invalid_event_policy", "api_url"):
-        assert f"`{name}`" in text, name
-    assert len(problems) == 6
+    names = ("external_customer_id_field", "batch_size_rows", "max_concurrent_requests",
+             "properties_mapping", "nested_properties", "invalid_event_policy", "api_url")
+    for name in names:
+        assert sum(name in e for e in errors) >= 1, (name, errors)
+    # One message per problem: the schema reports types, ranges and enum values; the
+    # cross-field rules only what the schema cannot (properties_mapping: `a` by the schema,
+    # the nested `c.d` by config_problems).
+    assert len(errors) == 8, errors
+    assert sum("explode" in e for e in errors) == 1
+    assert sum("501" in e for e in errors) == 1
+    assert any("c.d" in e for e in errors)
+
+
+def test_config_problems_leaves_value_checks_to_the_schema():
+    assert config_problems(
+        {"external_customer_id_field": "u", "batch_size_rows": 501,
+         "nested_properties": "explode", "properties_mapping": {"a": 1}}
+    ) == []
 
 
 @pytest.mark.parametrize(
