@@ -1,7 +1,25 @@
-"""A Singer message reader: the SDK's msgspec reader with a tighter per-line loop."""
+"""A Singer message reader: msgspec per line, a careful path for what msgspec refuses, idle flush.
+
+The common path is the SDK's msgspec decoder on raw bytes, one dict lookup per line. Only
+a line msgspec refuses goes through `_careful`, which reads what Python's `json` module
+reads (`NaN`, `Infinity`, `-Infinity`, lone surrogate escapes, bytes that are not UTF-8):
+a RECORD holding such values is handed to `on_invalid_record` (it becomes a dead-letter
+entry with a reason) and reading goes on. Anything that is not a Singer message fails the
+run with the line number and a short excerpt, never a traceback.
+
+Input is read from the file descriptor in chunks, so the reader can notice when the tap
+goes quiet: after `idle_seconds` without input it calls `on_idle` on the reading thread
+(the SDK's sinks are not thread-safe, so nothing else ever touches them).
+"""
 
 from __future__ import annotations
 
+import decimal
+import json
+import logging
+import os
+import select
+import sys
 import typing as t
 from collections import Counter, defaultdict
 
@@ -11,16 +29,121 @@ from singer_sdk.contrib.msgspec import decoder as _decoder
 from singer_sdk.exceptions import InvalidInputLine
 from typing_extensions import override
 
-_TYPE = frozenset({"type"})
+LOGGER = logging.getLogger("target_orb.reader")
+_CHUNK = 1 << 16
+_EXCERPT = 120
+_WHITESPACE = " \t\r\n"
+
+InvalidRecordHandler = t.Callable[[dict, str, str], None]
+"""on_invalid_record(message with a JSON-safe copy of the record, code, reason)."""
+
+
+class _NonFinite(str):
+    """`NaN`, `Infinity` or `-Infinity` as read by the careful path (marked, never a float)."""
+
+    __slots__ = ()
+
+
+def excerpt(line: bytes | str) -> str:
+    """A short, printable excerpt of an input line for error messages."""
+    text = line.decode("utf-8", "backslashreplace") if isinstance(line, bytes) else line
+    text = text.strip(_WHITESPACE)
+    shown = text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"
+    return repr(shown)
+
+
+def bad_line(number: int, line: bytes | str, what: str) -> InvalidInputLine:
+    """The error for a line that is not a usable Singer message."""
+    msg = (
+        f"Input line {number} {what}: {excerpt(line)}. The tap's output is malformed; fix the "
+        "tap (or the file) and rerun: nothing after the last STATE was acknowledged, so a "
+        "rerun resends it."
+    )
+    return InvalidInputLine(msg)
+
+
+def _escape_text(text: str, bytes_escaped: bool) -> tuple[str, str | None]:
+    """Escape surrogates (undecodable bytes or lone surrogate escapes) as visible text.
+
+    Returns:
+        The escaped text and the problem code (None when the text is clean).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return text, None
+    code = "lone_surrogate"
+    out = []
+    for char in text:
+        point = ord(char)
+        if bytes_escaped and 0xDC80 <= point <= 0xDCFF:
+            out.append(f"\\x{point - 0xDC00:02x}")
+            code = "not_utf8"
+        elif 0xD800 <= point <= 0xDFFF:
+            out.append(f"\\u{point:04x}")
+        else:
+            out.append(char)
+    return "".join(out), code
+
+
+def _clean(
+    value: t.Any, path: str, problems: list[tuple[str, str, str]], bytes_escaped: bool
+) -> t.Any:
+    """A JSON-safe copy of `value`; each poison value found is added to `problems`.
+
+    Problems are (path, code, text): non-finite numbers become their name as a string, and
+    text that is not valid Unicode shows its bad bytes as `\\xNN` (lone surrogates `\\uXXXX`).
+    """
+    if type(value) is _NonFinite:
+        problems.append((path, "non_finite_number", f"{path} is {value}"))
+        return str(value)
+    if isinstance(value, str):
+        clean, code = _escape_text(value, bytes_escaped)
+        if code == "not_utf8":
+            problems.append((path, code, f"{path} has bytes that are not UTF-8"))
+        elif code is not None:
+            problems.append((path, code, f"{path} has a lone surrogate escape (not valid text)"))
+        return clean
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            clean_key, code = _escape_text(key, bytes_escaped) if isinstance(key, str) else (
+                key, None)
+            child = f"{path}.{clean_key}" if path else str(clean_key)
+            if code is not None:
+                what = "bytes that are not UTF-8" if code == "not_utf8" else "a lone surrogate"
+                problems.append((child, code, f"the key {child} has {what}"))
+            out[clean_key] = _clean(item, child, problems, bytes_escaped)
+        return out
+    if isinstance(value, list):
+        return [
+            _clean(item, f"{path}[{i}]", problems, bytes_escaped) for i, item in enumerate(value)
+        ]
+    return value
+
+
+def _invalid_reason(problems: list[tuple[str, str, str]]) -> str:
+    shown = "; ".join(text for _, _, text in problems[:5])
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return (
+        f"the tap wrote values Orb cannot take: {shown}{more}. Non-finite numbers (NaN, "
+        "Infinity) are kept here as strings and bad bytes as \\xNN text; fix the source data "
+        "or the tap, then replay the corrected record."
+    )
 
 
 class OrbMessageReader(MsgSpecReader):
-    """Same messages, same callbacks and errors as `MsgSpecReader`, less work per line.
+    """Same messages and callbacks as `MsgSpecReader`, tolerant of what Python's json reads.
 
-    The SDK loop builds a `{"type"}` set and checks `issubset` on every line; here the
-    check is one dict lookup, and the full SDK check (with its error) runs only when
-    `type` is missing.
+    The target sets `on_invalid_record` (a RECORD whose values JSON cannot carry),
+    `on_idle` and `idle_seconds` (flush partial batches when the tap goes quiet).
     """
+
+    on_invalid_record: InvalidRecordHandler | None = None
+    on_idle: t.Callable[[], None] | None = None
+    idle_seconds: float = 0.0
 
     @override
     def process_lines(
@@ -32,26 +155,139 @@ class OrbMessageReader(MsgSpecReader):
         decode = _decoder.decode
         get_callback = callbacks.get
         number = 0
-        for line in file_input or self.default_input:
+        for line in self._lines(file_input if file_input is not None else sys.stdin):
             number += 1
             self._current_message = line
             try:
                 message = decode(line)
-            except msgspec.DecodeError as exc:
-                shown = line if len(line) <= 200 else line[:200] + "…"
-                msg = (
-                    f"Input line {number} is not a JSON Singer message ({exc}): {shown!r}. "
-                    "The tap's output is malformed; nothing after the last STATE was "
-                    "acknowledged, so a rerun resends it."
+            except (msgspec.DecodeError, RecursionError):
+                message = self._careful(line, number)
+                if message is None:
+                    continue  # whitespace only, or an invalid record handed over
+            if type(message) is not dict:
+                raise bad_line(number, line, "is not a JSON object (a Singer message)")
+            kind = message.get("type")
+            try:
+                callback = get_callback(kind)
+            except TypeError:  # unhashable `type`
+                callback = None
+            if callback is None:
+                if type(kind) is not str:
+                    raise bad_line(number, line, "has no message type (a string `type`)")
+                raise bad_line(
+                    number, line, f"has an unknown message type {kind[:40]!r} (expected "
+                    "SCHEMA, RECORD, STATE, ACTIVATE_VERSION or BATCH)",
                 )
-                raise InvalidInputLine(msg) from None
-            kind = message.get("type") if type(message) is dict else None
-            if kind is None:
-                self.assert_line_requires(message, requires=_TYPE)
-            callback = get_callback(kind)
-            if callback is not None:
+            try:
                 callback(message)
-            else:
-                self._process_unknown_message(message)
+            except InvalidInputLine as exc:  # the SDK's checks (missing `stream`, …)
+                if str(exc).startswith("Input line "):
+                    raise
+                raise bad_line(number, line, f"is not a valid Singer message ({exc})") from None
+            except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+                if type(exc).__module__.startswith("target_orb"):
+                    raise
+                LOGGER.debug("Input line %d failed", number, exc_info=True)
+                detail = str(exc)[:200] or type(exc).__name__
+                raise bad_line(
+                    number, line,
+                    f"could not be processed ({type(exc).__name__}: {detail}); check that it "
+                    "is a well-formed Singer message",
+                ) from None
             stats[kind] += 1
         return Counter(**stats)
+
+    def _lines(self, source: t.IO[t.Any]) -> t.Iterator[bytes | str]:
+        """Lines as bytes from the file descriptor when there is one, else as given."""
+        try:
+            fd = source.fileno()
+        except (AttributeError, OSError, ValueError):
+            return iter(source)
+        if os.name == "nt":  # no poll/select on pipes: plain reads, no idle flush
+            return iter(getattr(source, "buffer", source))
+        return self._fd_lines(fd)
+
+    def _fd_lines(self, fd: int) -> t.Iterator[bytes]:
+        pending = b""
+        armed = False  # input arrived since the last idle flush
+        read = os.read
+        poller = select.poll() if hasattr(select, "poll") else None
+        if poller is not None:
+            poller.register(fd, select.POLLIN)
+        while True:
+            if armed and self.idle_seconds > 0 and self.on_idle is not None:
+                if poller is not None:
+                    ready = poller.poll(self.idle_seconds * 1000)
+                else:  # pragma: no cover - platforms without poll
+                    ready = select.select([fd], [], [], self.idle_seconds)[0]
+                if not ready:
+                    armed = False
+                    self.on_idle()
+                    continue
+            chunk = read(fd, _CHUNK)
+            if not chunk:
+                break
+            armed = True
+            if pending:
+                chunk = pending + chunk
+            lines = chunk.split(b"\n")
+            pending = lines.pop()
+            yield from lines
+        if pending:
+            yield pending
+
+    def _careful(self, line: bytes | str, number: int) -> dict | None:
+        """Read a line msgspec refused the way Python's json module reads it.
+
+        Returns:
+            The message; None for a whitespace-only line or a RECORD handed to
+            `on_invalid_record`.
+
+        Raises:
+            InvalidInputLine: The line is not JSON, or holds poison values outside a record.
+        """
+        bytes_escaped = False
+        if isinstance(line, bytes):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                text = line.decode("utf-8", "surrogateescape")
+                bytes_escaped = True
+        else:
+            text = line
+        text = text.strip(_WHITESPACE)
+        if text.startswith("\ufeff"):  # a byte-order mark (first line of some files)
+            text = text[1:].lstrip(_WHITESPACE)
+        if not text:
+            return None
+        try:
+            message = json.loads(text, parse_float=decimal.Decimal, parse_constant=_NonFinite)
+        except RecursionError:
+            what = "is not a JSON Singer message (nested too deeply)"
+            raise bad_line(number, line, what) from None
+        except ValueError as exc:
+            detail = getattr(exc, "msg", None) or str(exc)
+            raise bad_line(number, line, f"is not a JSON Singer message ({detail})") from None
+        if type(message) is not dict:
+            return message  # the caller says it is not an object
+        problems: list[tuple[str, str, str]] = []
+        clean = _clean(message, "", problems, bytes_escaped)
+        if not problems:
+            return message
+        record_problems = all(path.startswith(("record.", "record[")) for path, _, _ in problems)
+        handler = self.on_invalid_record
+        if (
+            message.get("type") == "RECORD"
+            and record_problems
+            and type(message.get("stream")) is str
+            and type(message.get("record")) is dict
+            and handler is not None
+        ):
+            problems = [(p, c, txt.replace("record.", "", 1)) for p, c, txt in problems]
+            handler(clean, problems[0][1], _invalid_reason(problems))
+            return None
+        shown = "; ".join(text for _, _, text in problems[:3])
+        raise bad_line(
+            number, line,
+            f"holds values that cannot be carried outside a record's fields ({shown})",
+        )

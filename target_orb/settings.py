@@ -11,6 +11,9 @@ from singer_sdk import typing as th
 
 MAX_EVENTS_PER_REQUEST = 500  # Orb /v1/ingest limit (reference/orb-api.md §2.8)
 DEFAULT_API_URL = "https://api.withorb.com/v1"
+# Idle flush: long enough that a tap paging through an API keeps full batches, short enough
+# that a quiet tap has its events in Orb and its bookmark saved within seconds.
+DEFAULT_FLUSH_INTERVAL_SECONDS = 5.0
 
 RecordPreset = t.Literal["segment", "segment_warehouse"]
 NestedPolicy = t.Literal["flatten", "json_string", "drop", "reject"]
@@ -182,7 +185,8 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "event_types",
         th.ArrayType(th.StringType),
         "Event types",
-        "Segment `type` values that are sent; records without `type` count as track.",
+        "Segment `type` values that are sent, compared case-insensitively (`Track` matches "
+        "`track` and `TRACK`); records without `type` count as track.",
         default=["track"],
     ),
     _prop(
@@ -319,6 +323,16 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         default=30,
     ),
     _prop(
+        "flush_interval_seconds",
+        th.NumberType,
+        "Flush interval seconds",
+        "When no input arrives for this long, partial batches are sent and STATE is written "
+        "once Orb acknowledged them; 0 turns it off. Default 5: a tap paging through an API "
+        "usually pauses well under that between pages (so batches stay full), while a quiet "
+        "or streaming tap still has its events in Orb and its bookmark saved within seconds.",
+        default=DEFAULT_FLUSH_INTERVAL_SECONDS,
+    ),
+    _prop(
         "validate_records",
         th.BooleanType,
         "Validate records",
@@ -401,6 +415,7 @@ class DeliverySettings:
     invalid_event_policy: InvalidPolicy = "dead_letter"
     dead_letter_path: str = "target-orb-dead-letter.jsonl"
     progress_interval_seconds: int = 30
+    flush_interval_seconds: float = 5.0
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -497,6 +512,14 @@ def config_problems(config: t.Mapping[str, t.Any]) -> list[str]:
         value = config.get(name)
         if isinstance(value, int) and value < 0:
             problems.append(f"`{name}` is {value}; it must be 0 or more.")
+    flush = config.get("flush_interval_seconds")
+    if isinstance(flush, (int, float)) and not isinstance(flush, bool) and not (
+        0 <= flush <= 3600
+    ):
+        problems.append(
+            f"`flush_interval_seconds` is {flush}; use 0 (off) to 3600 seconds (default "
+            f"{DEFAULT_FLUSH_INTERVAL_SECONDS:g}).",
+        )
     api_url = config.get("api_url") or DEFAULT_API_URL
     if not isinstance(api_url, str):
         return problems
@@ -552,7 +575,8 @@ def build_mapping_spec(config: t.Mapping[str, t.Any]) -> MappingSpec:
         properties_passthrough=bool(pick("properties_passthrough")),
         warehouse_columns=preset == "segment_warehouse" and pick("properties_field") == "",
         nested_properties=config.get("nested_properties") or "flatten",
-        event_types=frozenset(config.get("event_types") or ["track"]),
+        # Compared with the record's lower-cased `type`: case-insensitive on both sides.
+        event_types=frozenset(str(v).lower() for v in config.get("event_types") or ["track"]),
         honor_integrations=bool(config.get("honor_integrations", True)),
         integration_name=config.get("integration_name") or "Orb",
         event_allowlist=frozenset(allow) if allow is not None else None,
@@ -584,4 +608,7 @@ def build_delivery_settings(config: t.Mapping[str, t.Any]) -> DeliverySettings:
         invalid_event_policy=config.get("invalid_event_policy") or "dead_letter",
         dead_letter_path=config.get("dead_letter_path") or "target-orb-dead-letter.jsonl",
         progress_interval_seconds=int(config.get("progress_interval_seconds", 30)),
+        flush_interval_seconds=float(
+            config.get("flush_interval_seconds", DEFAULT_FLUSH_INTERVAL_SECONDS)
+        ),
     )

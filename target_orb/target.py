@@ -201,6 +201,43 @@ class TargetOrb(Target):
         # process_batch only queues work, so parallel drains would add nothing.
         self.max_parallelism = 1
         self.runtime = _Runtime(self)
+        reader = self.message_reader
+        if isinstance(reader, OrbMessageReader):
+            reader.on_invalid_record = self._process_invalid_record
+            reader.on_idle = self._flush_idle
+            reader.idle_seconds = self.runtime.settings.flush_interval_seconds
+
+    def _process_invalid_record(self, message: dict, code: str, reason: str) -> None:
+        """A RECORD whose values JSON cannot carry (NaN, bad text): dead-letter it in order."""
+        stream = message["stream"]
+        if stream not in self.mapper.stream_maps:
+            self._assert_sink_exists(stream)
+        maps = self.mapper.stream_maps.get(stream) or []
+        alias = maps[0].stream_alias if maps else stream
+        self._assert_sink_exists(alias)
+        sink = self.get_sink(alias)
+        if not isinstance(sink, OrbSink):
+            return
+        sink.reject_record(message["record"], code, reason)
+        if sink.is_full:
+            self.drain_one(sink)
+        self._handle_max_record_age()
+
+    def _flush_idle(self) -> None:
+        """No input for `flush_interval_seconds`: send every partial batch now.
+
+        Runs on the reading thread (the reader calls it while waiting for input), so it
+        never races the record path. STATE follows once Orb acknowledged what precedes it.
+        """
+        pipeline = self.runtime.pipeline
+        pipeline.raise_if_failed()
+        buffered = sum(sink.current_size for sink in self._sinks_active.values())
+        log = self.logger.info if buffered else self.logger.debug
+        log(
+            "No input for %g s: sending %d buffered records now; STATE follows once Orb "
+            "acknowledges them.", self.runtime.settings.flush_interval_seconds, buffered,
+        )
+        self.drain_all()
 
     @override
     def _validate_config(self, *, raise_errors: bool = True) -> list[str]:
