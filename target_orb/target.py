@@ -90,8 +90,9 @@ class _Runtime:
         s = self.settings
         # Orb budgets each kind of call separately (reference/orb-api.md §2.8): ingest, other
         # writes (backfill create/close, customer updates, amend/deprecate) and reads (search).
-        self.write_limiter = RateLimiter()
-        self.read_limiter = RateLimiter()
+        # Each paces itself to what Orb allows once Orb answers 429 (target_orb.ratelimit).
+        self.write_limiter = RateLimiter(name="other writes", unit="requests")
+        self.read_limiter = RateLimiter(name="reads", unit="requests")
         if not s.dry_run:
             self.client = OrbClient(
                 s.api_url, config["api_key"], timeout=s.request_timeout,
@@ -100,6 +101,8 @@ class _Runtime:
             limiter = RateLimiter(
                 requests_per_second=s.max_requests_per_second,
                 events_per_minute=s.max_events_per_minute,
+                name="ingest",
+                unit="events",
             )
             deliverer = Deliverer(
                 self.client.post_ingest,
