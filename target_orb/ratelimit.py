@@ -250,10 +250,15 @@ class WindowPacer:
         give_up = self.fails >= _MAX_FAILS_PER_WAIT and (
             high - low <= self.w_lo / 4 or self.fails >= _MAX_FAILS_PER_WAIT + 2
         )
-        if high - low <= narrow or give_up or low == -math.inf:
+        # Never aim more than a window past the earliest possible reset: a probe that lands a
+        # window late would make a later reset look like the next one.
+        reach = min(high - low, max(self.w_lo, (self.w_lo + self.w_hi) / 2))
+        if high - low <= narrow or low == -math.inf:
             self.next_probe = max(now, high)  # the reset has surely passed by then
+        elif give_up:
+            self.next_probe = max(now, low + max(reach * 0.98, min(narrow, high - low)))
         else:
-            self.next_probe = max(now, low + _AIM * (high - low))
+            self.next_probe = max(now, low + _AIM * reach)
 
     def describe(self) -> str:
         """What was learned, for the log."""
