@@ -320,3 +320,30 @@ def test_rejection_after_an_ambiguous_attempt_says_orb_may_have_it():
     assert "Orb may already have this event" in result.rejected[0][1]
     clean, _, _ = make(lambda keys, n: Response(413, {}, None))
     assert "may already" not in clean.deliver(events(1)).rejected[0][1]
+
+
+def test_rate_limited_retries_do_not_spend_the_budget_while_orb_accepts():
+    # Orb accepts one request in three and refuses the others with 429 without
+    # Retry-After: far past the budget in time, yet never exhausted (issue 10).
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock.clock, sleep=clock.sleep)
+    deliverer = Deliverer(
+        Script(lambda keys, n: ok() if n % 3 == 0 else Response(429, {}, None)),
+        url="u", max_retry_seconds=10, clock=clock.clock, sleep=clock.sleep,
+        rand=lambda: 0.5, limiter=limiter,
+    )
+    for _ in range(12):
+        assert deliverer.deliver(events(2)).accepted == [0, 1]
+    assert clock.now > 10
+
+
+def test_a_limit_that_accepts_nothing_still_ends_in_the_budget():
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock.clock, sleep=clock.sleep)
+    deliverer = Deliverer(
+        Script(lambda keys, n: Response(429, {}, None)), url="u", max_retry_seconds=60,
+        clock=clock.clock, sleep=clock.sleep, rand=lambda: 0.5, limiter=limiter,
+    )
+    with pytest.raises(OrbRetryExhaustedError, match="HTTP 429"):
+        deliverer.deliver(events(1))
+    assert clock.now < 200
