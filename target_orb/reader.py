@@ -1,7 +1,8 @@
-"""A Singer message reader: msgspec per line, a careful path for what msgspec refuses, idle flush.
+"""Reading Singer input: lines from the descriptor (with idle flush), and a careful path.
 
-The common path is the SDK's msgspec decoder on raw bytes, one dict lookup per line. Only
-a line msgspec refuses goes through `_careful`, which reads what Python's `json` module
+The reading loop itself is `SeamMessageReader.process_lines` (target_orb/sdk_seam.py): the
+SDK's msgspec decoder on raw bytes, one dict lookup per line. Only a line msgspec refuses
+goes through `read_careful` here, which reads what Python's `json` module
 reads (`NaN`, `Infinity`, `-Infinity`, lone surrogate escapes, bytes that are not UTF-8):
 a RECORD holding such values is handed to `on_invalid_record` (it becomes a dead-letter
 entry with a reason) and reading goes on. Anything that is not a Singer message fails the
@@ -19,15 +20,9 @@ import json
 import logging
 import os
 import select
-import sys
 import typing as t
-from collections import Counter, defaultdict
 
-import msgspec
-from singer_sdk.contrib.msgspec import MsgSpecReader
-from singer_sdk.contrib.msgspec import decoder as _decoder
 from singer_sdk.exceptions import InvalidInputLine
-from typing_extensions import override
 
 LOGGER = logging.getLogger("target_orb.reader")
 _CHUNK = 1 << 16
@@ -36,6 +31,13 @@ _WHITESPACE = " \t\r\n"
 
 InvalidRecordHandler = t.Callable[[dict, str, str], None]
 """on_invalid_record(message with a JSON-safe copy of the record, code, reason)."""
+
+
+class IdleHook(t.Protocol):
+    """What `input_lines` needs to flush when the tap goes quiet."""
+
+    idle_seconds: float
+    on_idle: t.Callable[[], None] | None
 
 
 class _NonFinite(str):
@@ -134,160 +136,106 @@ def _invalid_reason(problems: list[tuple[str, str, str]]) -> str:
     )
 
 
-class OrbMessageReader(MsgSpecReader):
-    """Same messages and callbacks as `MsgSpecReader`, tolerant of what Python's json reads.
+def input_lines(source: t.IO[t.Any], idle: IdleHook) -> t.Iterator[bytes | str]:
+    """Lines as bytes from the file descriptor when there is one, else as the stream gives.
 
-    The target sets `on_invalid_record` (a RECORD whose values JSON cannot carry),
-    `on_idle` and `idle_seconds` (flush partial batches when the tap goes quiet).
+    Reading the descriptor in chunks lets the reader notice a quiet tap: after
+    `idle.idle_seconds` without input (and something arrived since the last time) it calls
+    `idle.on_idle()` on this, the reading, thread.
     """
+    try:
+        fd = source.fileno()
+    except (AttributeError, OSError, ValueError):
+        return iter(source)
+    if os.name == "nt":  # no poll/select on pipes: plain reads, no idle flush
+        return iter(getattr(source, "buffer", source))
+    return _fd_lines(fd, idle)
 
-    on_invalid_record: InvalidRecordHandler | None = None
-    on_idle: t.Callable[[], None] | None = None
-    idle_seconds: float = 0.0
 
-    @override
-    def process_lines(
-        self,
-        file_input: t.IO[str] | None,
-        callbacks: dict[str, t.Callable[[dict], None]],
-    ) -> t.Counter[str]:
-        stats: dict[str, int] = defaultdict(int)
-        decode = _decoder.decode
-        get_callback = callbacks.get
-        number = 0
-        for line in self._lines(file_input if file_input is not None else sys.stdin):
-            number += 1
-            self._current_message = line
-            try:
-                message = decode(line)
-            except (msgspec.DecodeError, RecursionError):
-                message = self._careful(line, number)
-                if message is None:
-                    continue  # whitespace only, or an invalid record handed over
-            if type(message) is not dict:
-                raise bad_line(number, line, "is not a JSON object (a Singer message)")
-            kind = message.get("type")
-            try:
-                callback = get_callback(kind)
-            except TypeError:  # unhashable `type`
-                callback = None
-            if callback is None:
-                if type(kind) is not str:
-                    raise bad_line(number, line, "has no message type (a string `type`)")
-                raise bad_line(
-                    number, line, f"has an unknown message type {kind[:40]!r} (expected "
-                    "SCHEMA, RECORD, STATE, ACTIVATE_VERSION or BATCH)",
-                )
-            try:
-                callback(message)
-            except InvalidInputLine as exc:  # the SDK's checks (missing `stream`, …)
-                if str(exc).startswith("Input line "):
-                    raise
-                raise bad_line(number, line, f"is not a valid Singer message ({exc})") from None
-            except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
-                if type(exc).__module__.startswith("target_orb"):
-                    raise
-                LOGGER.debug("Input line %d failed", number, exc_info=True)
-                detail = str(exc)[:200] or type(exc).__name__
-                raise bad_line(
-                    number, line,
-                    f"could not be processed ({type(exc).__name__}: {detail}); check that it "
-                    "is a well-formed Singer message",
-                ) from None
-            stats[kind] += 1
-        return Counter(**stats)
-
-    def _lines(self, source: t.IO[t.Any]) -> t.Iterator[bytes | str]:
-        """Lines as bytes from the file descriptor when there is one, else as given."""
-        try:
-            fd = source.fileno()
-        except (AttributeError, OSError, ValueError):
-            return iter(source)
-        if os.name == "nt":  # no poll/select on pipes: plain reads, no idle flush
-            return iter(getattr(source, "buffer", source))
-        return self._fd_lines(fd)
-
-    def _fd_lines(self, fd: int) -> t.Iterator[bytes]:
-        pending = b""
-        armed = False  # input arrived since the last idle flush
-        read = os.read
-        poller = select.poll() if hasattr(select, "poll") else None
-        if poller is not None:
-            poller.register(fd, select.POLLIN)
-        while True:
-            if armed and self.idle_seconds > 0 and self.on_idle is not None:
-                if poller is not None:
-                    ready = poller.poll(self.idle_seconds * 1000)
-                else:  # pragma: no cover - platforms without poll
-                    ready = select.select([fd], [], [], self.idle_seconds)[0]
-                if not ready:
-                    armed = False
-                    self.on_idle()
-                    continue
-            chunk = read(fd, _CHUNK)
-            if not chunk:
-                break
-            armed = True
-            if pending:
-                chunk = pending + chunk
-            lines = chunk.split(b"\n")
-            pending = lines.pop()
-            yield from lines
+def _fd_lines(fd: int, idle: IdleHook) -> t.Iterator[bytes]:
+    pending = b""
+    armed = False  # input arrived since the last idle flush
+    read = os.read
+    poller = select.poll() if hasattr(select, "poll") else None
+    if poller is not None:
+        poller.register(fd, select.POLLIN)
+    while True:
+        if armed and idle.idle_seconds > 0 and idle.on_idle is not None:
+            if poller is not None:
+                ready = poller.poll(idle.idle_seconds * 1000)
+            else:  # pragma: no cover - platforms without poll
+                ready = select.select([fd], [], [], idle.idle_seconds)[0]
+            if not ready:
+                armed = False
+                idle.on_idle()
+                continue
+        chunk = read(fd, _CHUNK)
+        if not chunk:
+            break
+        armed = True
         if pending:
-            yield pending
+            chunk = pending + chunk
+        lines = chunk.split(b"\n")
+        pending = lines.pop()
+        yield from lines
+    if pending:
+        yield pending
 
-    def _careful(self, line: bytes | str, number: int) -> dict | None:
-        """Read a line msgspec refused the way Python's json module reads it.
 
-        Returns:
-            The message; None for a whitespace-only line or a RECORD handed to
-            `on_invalid_record`.
+def read_careful(
+    line: bytes | str, number: int, on_invalid_record: InvalidRecordHandler | None
+) -> dict | None:
+    """Read a line msgspec refused the way Python's json module reads it.
 
-        Raises:
-            InvalidInputLine: The line is not JSON, or holds poison values outside a record.
-        """
-        bytes_escaped = False
-        if isinstance(line, bytes):
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                text = line.decode("utf-8", "surrogateescape")
-                bytes_escaped = True
-        else:
-            text = line
-        text = text.strip(_WHITESPACE)
-        if text.startswith("\ufeff"):  # a byte-order mark (first line of some files)
-            text = text[1:].lstrip(_WHITESPACE)
-        if not text:
-            return None
+    Returns:
+        The message (or whatever JSON value the line holds: the caller checks it is an
+        object); None for a whitespace-only line or a RECORD handed to `on_invalid_record`.
+
+    Raises:
+        InvalidInputLine: The line is not JSON, or holds poison values outside a record.
+    """
+    bytes_escaped = False
+    if isinstance(line, bytes):
         try:
-            message = json.loads(text, parse_float=decimal.Decimal, parse_constant=_NonFinite)
-        except RecursionError:
-            what = "is not a JSON Singer message (nested too deeply)"
-            raise bad_line(number, line, what) from None
-        except ValueError as exc:
-            detail = getattr(exc, "msg", None) or str(exc)
-            raise bad_line(number, line, f"is not a JSON Singer message ({detail})") from None
-        if type(message) is not dict:
-            return message  # the caller says it is not an object
-        problems: list[tuple[str, str, str]] = []
-        clean = _clean(message, "", problems, bytes_escaped)
-        if not problems:
-            return message
-        record_problems = all(path.startswith(("record.", "record[")) for path, _, _ in problems)
-        handler = self.on_invalid_record
-        if (
-            message.get("type") == "RECORD"
-            and record_problems
-            and type(message.get("stream")) is str
-            and type(message.get("record")) is dict
-            and handler is not None
-        ):
-            problems = [(p, c, txt.replace("record.", "", 1)) for p, c, txt in problems]
-            handler(clean, problems[0][1], _invalid_reason(problems))
-            return None
-        shown = "; ".join(text for _, _, text in problems[:3])
-        raise bad_line(
-            number, line,
-            f"holds values that cannot be carried outside a record's fields ({shown})",
-        )
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            text = line.decode("utf-8", "surrogateescape")
+            bytes_escaped = True
+    else:
+        text = line
+    text = text.strip(_WHITESPACE)
+    if text.startswith("\ufeff"):  # a byte-order mark (first line of some files)
+        text = text[1:].lstrip(_WHITESPACE)
+    if not text:
+        return None
+    try:
+        message = json.loads(text, parse_float=decimal.Decimal, parse_constant=_NonFinite)
+    except RecursionError:
+        what = "is not a JSON Singer message (nested too deeply)"
+        raise bad_line(number, line, what) from None
+    except ValueError as exc:
+        detail = getattr(exc, "msg", None) or str(exc)
+        raise bad_line(number, line, f"is not a JSON Singer message ({detail})") from None
+    if type(message) is not dict:
+        return message  # the caller says it is not an object
+    problems: list[tuple[str, str, str]] = []
+    clean = _clean(message, "", problems, bytes_escaped)
+    if not problems:
+        return message
+    record_problems = all(path.startswith(("record.", "record[")) for path, _, _ in problems)
+    handler = on_invalid_record
+    if (
+        message.get("type") == "RECORD"
+        and record_problems
+        and type(message.get("stream")) is str
+        and type(message.get("record")) is dict
+        and handler is not None
+    ):
+        problems = [(p, c, txt.replace("record.", "", 1)) for p, c, txt in problems]
+        handler(clean, problems[0][1], _invalid_reason(problems))
+        return None
+    shown = "; ".join(text for _, _, text in problems[:3])
+    raise bad_line(
+        number, line,
+        f"holds values that cannot be carried outside a record's fields ({shown})",
+    )
