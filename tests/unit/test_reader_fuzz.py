@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,7 +23,7 @@ CONFIG = {
     "external_customer_id_field": "userId",
     "dry_run": True,
     "progress_interval_seconds": 0,
-    "dead_letter_path": "/dev/null",
+    "dead_letter_path": str(Path(tempfile.mkdtemp(prefix="target-orb-fuzz-")) / "dl.jsonl"),
 }
 SCHEMA = json.dumps({"type": "SCHEMA", "stream": "tracks", "schema": SEGMENT_SCHEMA,
                      "key_properties": []}).encode()
@@ -53,7 +55,14 @@ def _encode(obj: object) -> bytes:
     return json.dumps(obj).encode()  # NaN, Infinity, lone surrogates as escapes
 
 
+records = st.fixed_dictionaries({
+    "type": st.just("RECORD"), "stream": st.just("tracks"),
+    "record": st.fixed_dictionaries({"messageId": st.text(max_size=4), "userId": values},
+                                    optional={"properties": values, "timestamp": values}),
+})
 lines = st.one_of(
+    records.map(_encode),
+    records.map(lambda m: _encode(m).replace(b"\\u00e9", b"\xe9")),
     messages.map(_encode),
     values.map(_encode),
     st.binary(max_size=40),
