@@ -38,7 +38,7 @@ _MAX_FAILS_PER_WAIT = 1  # then probe where the reset has surely passed
 _HISTORY = 32  # resets remembered for learning the window length
 # Where in a wide bracket to probe: late enough that most probes succeed (each 429 counts
 # against Orb's patience), early enough that the bracket narrows within a few windows.
-_AIM = 0.7
+_AIM = 0.8
 
 
 @dataclass(slots=True)
@@ -245,11 +245,9 @@ class WindowPacer:
             self.next_probe = min(max(base + self.gap, soonest), now + _MAX_GAP)
             return
         narrow = max(_MIN_NARROW, _NARROW * self.w_lo)
-        # After a 429, go where the reset has surely passed, unless that may be most of a
-        # window late (a late probe lets a window go unused and our requests straddle).
-        give_up = self.fails >= _MAX_FAILS_PER_WAIT and (
-            high - low <= self.w_lo / 4 or self.fails >= _MAX_FAILS_PER_WAIT + 2
-        )
+        # After a 429, go (nearly) where the reset has surely passed, but never more than
+        # about a window past the earliest possible reset.
+        give_up = self.fails >= _MAX_FAILS_PER_WAIT
         # Never aim more than a window past the earliest possible reset: a probe that lands a
         # window late would make a later reset look like the next one.
         reach = min(high - low, max(self.w_lo, (self.w_lo + self.w_hi) / 2))
