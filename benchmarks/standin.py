@@ -63,6 +63,12 @@ class DigestFakeOrb(FakeOrb):
         super().reset()
         with self.lock:
             self.conflicting.clear()
+            if self.rate_limit is not None:  # each run starts with the window's budget unused
+                old = self.rate_limit
+                self.rate_limit = RateLimit(
+                    events_per_window=old.events_per_window, window_seconds=old.window_seconds,
+                    requests_per_second=old.requests_per_second, clock=old.clock,
+                )
 
     def summary(self) -> dict[str, t.Any]:
         with self.lock:

@@ -35,6 +35,7 @@ _GATE_POLL = 0.01  # how often waiting senders look at a probe in flight
 _NARROW = 0.01  # a bracket narrower than this fraction of the window: probe at its late edge
 _MIN_NARROW = 0.02  # seconds
 _MAX_FAILS_PER_WAIT = 1  # then probe where the reset has surely passed
+_MIN_SPACING = 0.25  # seconds between refused probes, doubling with each one in a row
 _HISTORY = 32  # resets remembered for learning the window length
 # Where in a wide bracket to probe: late enough that most probes succeed (each 429 counts
 # against Orb's patience), early enough that the bracket narrows within a few windows.
@@ -49,6 +50,7 @@ class Ticket:
     sent_at: float
     epoch: int = 0
     probe: bool = False
+    overdraft: bool = False  # one request past the learned budget, to check it
 
 
 class WindowPacer:
@@ -79,6 +81,11 @@ class WindowPacer:
         self.gap = _FIRST_GAP
         self.inflight = 0  # requests of the current window not answered yet
         self.short_windows = 0  # consecutive windows refused before their budget was used
+        # The budget learned in the first window may be short (the window was partly used
+        # before we started, by another client or an earlier run): once a window, one request
+        # goes past it until Orb refuses one.
+        self.budget_sure = False
+        self.overdraft_out = False
         self.failed_early = False
 
     # -- prediction ------------------------------------------------------------------
@@ -136,6 +143,15 @@ class WindowPacer:
             self.used = 0.0
             self.accepted = 0.0
         if self.budget is not None and self.used + units > self.budget and self.used:
+            if (
+                not self.budget_sure
+                and not self.overdraft_out
+                and self.w_hi - self.w_lo < 0.1 * self.w_lo  # the window is known by now
+            ):
+                self.overdraft_out = True
+                self.used += units
+                self.inflight += 1
+                return Ticket(units, now, self.epoch, overdraft=True)
             self._start_wait(now)
             return self.reserve(now, units)
         self.used += units
@@ -145,6 +161,8 @@ class WindowPacer:
     # -- answers --------------------------------------------------------------------
 
     def _settle(self, ticket: Ticket) -> None:
+        if ticket.overdraft:
+            self.overdraft_out = False
         if not ticket.probe and ticket.epoch == self.epoch and self.inflight:
             self.inflight -= 1
 
@@ -179,6 +197,8 @@ class WindowPacer:
             self.fail_lo = ticket.sent_at
             self._start_wait(now)
             return max(0.0, self.next_probe - now)
+        if ticket.overdraft:
+            self.budget_sure = True  # the budget was right: the window is spent
         if self.waiting:
             if ticket.epoch >= self.epoch:  # sent since the last reset seen
                 self.fail_lo = max(self.fail_lo, ticket.sent_at)
@@ -189,6 +209,10 @@ class WindowPacer:
             return max(0.0, self.next_probe - now)
         if ticket.epoch != self.epoch:
             return 0.0  # sent in an older window: just ask again
+        if ticket.overdraft:  # past the budget, as expected: wait for the next reset
+            self.fail_lo = max(self.fail_lo, ticket.sent_at)
+            self._start_wait(now)
+            return max(0.0, self.next_probe - now)
         # Refused inside the current window: the window began earlier than modelled (our
         # requests straddled a reset), or the budget is smaller than assumed (twice in a row).
         self.short_windows += 1
@@ -232,7 +256,13 @@ class WindowPacer:
         self._schedule(now)
 
     def _schedule(self, now: float) -> None:
-        """When to send the next probe for reset `index + 1`."""
+        """When to send the next probe for reset `index + 1` (never in quick succession)."""
+        self._plan(now)
+        if self.fails:  # whatever the model says, refused probes back off exponentially
+            self.next_probe = max(self.next_probe, now + min(_MAX_GAP, _MIN_SPACING * 2 ** (
+                self.fails - 1)))
+
+    def _plan(self, now: float) -> None:
         low, high = self.predict(self.index + 1)
         low = max(low, self.fail_lo)
         if high == math.inf:
