@@ -11,6 +11,9 @@ Scenarios (see benchmarks/README.md):
   ``max_concurrent_requests`` 4/8/16 vs ``SyncHttpTarget`` (SDK defaults, ``requests``,
   one batch of 500 per round trip), interleaved.
 - S3: target-orb peak RSS at 100,000 vs 1,000,000 records (stand-in at 0 ms).
+- RL: 20,000 records against a stand-in that allows 2,500 events per fixed 5 s window and
+  answers 429 without Retry-After (Orb's documented behaviour); target-orb with its defaults.
+  Reports achieved rate / allowed rate and 429s per accepted request.
 
 Every target runs as its own process reading the generated file through ``--input``;
 wall time is measured from spawn to exit (start-up included) and peak RSS comes from
@@ -128,11 +131,15 @@ def machine() -> dict[str, str]:
 class StandIn:
     """``standin.py`` in its own process, driven over stdin/stdout."""
 
-    def __init__(self, latency_ms: float, max_seconds: float) -> None:
+    def __init__(self, latency_ms: float, max_seconds: float,
+                 rate_limit: tuple[int, float] | None = None) -> None:
         self.latency_ms = latency_ms
+        limit = [] if rate_limit is None else [
+            "--rate-limit-events", str(rate_limit[0]),
+            "--rate-limit-window-seconds", str(rate_limit[1])]
         self.proc = subprocess.Popen(
             [PY, str(HERE / "standin.py"), "--latency-ms", str(latency_ms),
-             "--max-seconds", str(int(max_seconds))],
+             "--max-seconds", str(int(max_seconds)), *limit],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(ROOT),
             start_new_session=True,
         )
@@ -410,6 +417,35 @@ def scenario_s1(bench: Bench, n: int, rounds: int, concurrency: int) -> dict[str
     return {"meta": meta, "runs": runs, "startup": startup, "concurrency": concurrency}
 
 
+def scenario_rl(bench: Bench, n: int, rounds: int, *, per_window: int,
+                window: float) -> dict[str, Any]:
+    """RL: the stand-in allows `per_window` events per fixed `window` and answers 429 without
+    Retry-After beyond it (Orb's documented behaviour); target-orb runs with its defaults
+    (no client-side limit, max_concurrent_requests 4)."""
+    log(f"RL: generating {n:,} records")
+    meta = generate(bench.workdir / "rl.singer", n)
+    path = Path(meta["path"])
+    expected = last_state(path)
+    allowed = per_window / window
+    runs: list[Run] = []
+    with StandIn(0, max_seconds=(n / allowed + 120) * rounds + 600,
+                 rate_limit=(per_window, window)) as standin:
+        for _ in range(rounds):
+            run = bench.run_orb(standin, meta, path, "RL target-orb defaults", concurrency=4,
+                                validate=False, expected_state=expected)
+            accepted = run.checks["ingest_requests"] - run.checks["status_429"]
+            run.checks["achieved_ratio"] = run.rate / allowed
+            run.checks["per_accepted_429"] = (
+                run.checks["status_429"] / accepted if accepted else float("inf")
+            )
+            log(f"RL: {run.rate:,.0f} events/s of {allowed:,.0f} allowed "
+                f"({run.checks['achieved_ratio']:.1%}), {run.checks['status_429']} answers 429 "
+                f"for {accepted} accepted requests")
+            runs.append(run)
+    return {"meta": meta, "runs": runs, "per_window": per_window, "window": window,
+            "allowed": allowed}
+
+
 def scenario_s2(bench: Bench, n: int, rounds: int, *, concurrencies: list[int],
                 recommended: int, latency_ms: float) -> dict[str, Any]:
     """target-orb at each concurrency (volume config) and with validation on vs sync HTTP."""
@@ -509,7 +545,8 @@ def verdict(ok: bool) -> str:
 
 
 def report(args: argparse.Namespace, env: dict[str, str], *, s1: dict | None,
-           s2: dict | None, s3: dict | None, prof: str | None, elapsed: float) -> str:
+           s2: dict | None, s3: dict | None, prof: str | None, elapsed: float,
+           rl: dict | None = None) -> str:
     out: list[str] = []
     out.append("# target-orb benchmark")
     out.append("")
@@ -678,6 +715,27 @@ def report(args: argparse.Namespace, env: dict[str, str], *, s1: dict | None,
                    f"RECORD line on average, {meta['states']} STATE messages, seed {meta['seed']}; "
                    "target-orb config: `batch_size_rows: 500`, `properties_passthrough: true`, "
                    "`external_customer_id_field: userId`, `progress_interval_seconds: 0`.")
+    if rl:
+        out += ["", "## RL: pacing at Orb's rate limit", ""]
+        out.append(
+            f"The stand-in allows {rl['per_window']:,} events per fixed {rl['window']:g} s "
+            f"window ({rl['allowed']:,.0f} events/s) and answers 429 without Retry-After "
+            "beyond it; target-orb runs with its defaults (no client-side limit, "
+            "`max_concurrent_requests` 4, `batch_size_rows` 500). Achieved rate = records / "
+            "wall time from spawn to exit (start-up included).")
+        out.append("")
+        out.append("| run | records | wall s | achieved events/s | achieved / allowed | "
+                   "429s | accepted requests | 429s per accepted request | keys landed == N |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        for run in rl["runs"]:
+            c = run.checks
+            accepted = c["ingest_requests"] - c["status_429"]
+            out.append(
+                f"| {run.label} | {run.records:,} | {run.seconds:.1f} | {run.rate:,.0f} | "
+                f"{c['achieved_ratio']:.1%} ({verdict(c['achieved_ratio'] >= 0.95)} >= 95%) | "
+                f"{c['status_429']} | {accepted} | {c['per_accepted_429']:.3f} "
+                f"({verdict(c['per_accepted_429'] <= 0.25)} <= 0.25) | "
+                f"{'yes' if run.exact else 'NO'} |")
     if prof:
         out += ["", "## Profile", "", prof]
     return "\n".join(out) + "\n"
@@ -705,9 +763,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--s2-concurrency", default="4,8,16",
                    help="max_concurrent_requests values tried in S2")
     p.add_argument("--latency-ms", type=float, default=50.0, help="S2 stand-in latency")
-    p.add_argument("--only", default="s1,s2,s3,bf", help="scenarios to run, e.g. s1,s2")
+    p.add_argument("--only", default="s1,s2,s3,bf,rl", help="scenarios to run, e.g. s1,rl")
     p.add_argument("--bf-records", type=int, default=None,
                    help="BF: late events through backfills (default 100,000)")
+    p.add_argument("--rl-records", type=int, default=20_000,
+                   help="RL: records sent against the rate-limited stand-in")
+    p.add_argument("--rl-events-per-window", type=int, default=2_500,
+                   help="RL: events the stand-in allows per window")
+    p.add_argument("--rl-window-seconds", type=float, default=5.0,
+                   help="RL: the stand-in's fixed window")
+    p.add_argument("--rl-rounds", type=int, default=1, help="RL: runs")
     p.add_argument("--skip-rss-1m", action="store_true", help="S3 only at its smallest size")
     p.add_argument("--profile", action="store_true",
                    help="also cProfile target-orb on a 50k run and add the top functions")
@@ -737,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     log(f"work directory {workdir}")
     started = time.perf_counter()
-    s1 = s2 = s3 = bf = None
+    s1 = s2 = s3 = bf = rl = None
     prof = None
     bench = Bench(args, workdir)
     try:
@@ -754,6 +819,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.skip_rss_1m:
                 sizes = sizes[:1]
             s3 = scenario_s3(bench, sizes, args.rss_rounds, args.concurrency)
+        if "rl" in only:
+            rl = scenario_rl(bench, args.rl_records, args.rl_rounds,
+                             per_window=args.rl_events_per_window,
+                             window=args.rl_window_seconds)
         if args.profile:
             prof = profile(bench, min(50_000, args.records), args.concurrency)
         if "bf" in only:
@@ -764,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     text = report(args, env, s1=s1, s2=s2, s3=s3, prof=prof,
-                  elapsed=time.perf_counter() - started)
+                  elapsed=time.perf_counter() - started, rl=rl)
     text += "\n".join(report_backfill(bf)) + ("\n" if bf else "")
     print(text)
     out = Path(args.out)

@@ -9,7 +9,8 @@ one JSON command per line on stdin and reads one JSON answer per line on stdout:
   sorted landed keys, one per line, as ``generate.py`` computes it), ``resent_keys``
   (keys that arrived more than once), ``conflicting_keys`` (keys that arrived again
   with a different body), ``ingest_requests``, ``non_200``, ``max_events_per_request``
-  and ``cpu_seconds`` (the stand-in's own CPU time so far; ``reset`` returns it too).
+  ``status_429`` (answers 429, with ``--rate-limit-events``) and ``cpu_seconds`` (the
+  stand-in's own CPU time so far; ``reset`` returns it too).
 - ``{"cmd": "stop"}`` or EOF on stdin: stop and exit.
 
 The first line it prints is ``{"url": "http://127.0.0.1:PORT/v1"}``. It binds only to
@@ -31,7 +32,7 @@ import typing as t
 
 import msgspec
 
-from target_orb.fake_orb import FakeOrb
+from target_orb.fake_orb import FakeOrb, RateLimit
 
 _CANONICAL = msgspec.json.Encoder(order="sorted")
 
@@ -62,6 +63,12 @@ class DigestFakeOrb(FakeOrb):
         super().reset()
         with self.lock:
             self.conflicting.clear()
+            if self.rate_limit is not None:  # each run starts with the window's budget unused
+                old = self.rate_limit
+                self.rate_limit = RateLimit(
+                    events_per_window=old.events_per_window, window_seconds=old.window_seconds,
+                    requests_per_second=old.requests_per_second, clock=old.clock,
+                )
 
     def summary(self) -> dict[str, t.Any]:
         with self.lock:
@@ -75,6 +82,7 @@ class DigestFakeOrb(FakeOrb):
                 "conflicting_keys": len(self.conflicting),
                 "ingest_requests": len(ingest),
                 "non_200": sum(1 for r in ingest if r["status"] != 200),
+                "status_429": sum(1 for r in ingest if r["status"] == 429),
                 "max_events_per_request": max((r["event_count"] for r in ingest), default=0),
             }
         h = hashlib.sha256()
@@ -96,10 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-ms", type=float, default=0)
     p.add_argument("--max-seconds", type=float, default=3600)
     p.add_argument("--api-key", default="test-orb-key")
+    p.add_argument("--rate-limit-events", type=int, default=None,
+                   help="Orb-style fixed window: events per window (429 without Retry-After)")
+    p.add_argument("--rate-limit-window-seconds", type=float, default=60.0)
     args = p.parse_args(argv)
+    limit = (
+        RateLimit(events_per_window=args.rate_limit_events,
+                  window_seconds=args.rate_limit_window_seconds)
+        if args.rate_limit_events else None
+    )
     fake = DigestFakeOrb(
         host="127.0.0.1", port=0, api_key=args.api_key, accept_all=True,
-        latency_ms=args.latency_ms,
+        latency_ms=args.latency_ms, rate_limit=limit,
     )
     # Request records keep every key; that is fine for the benchmark sizes (<= 1M).
     fake.start()

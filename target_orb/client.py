@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
+import re
 import typing as t
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.utils import get_environ_proxies, prepend_scheme_if_needed, select_proxy
 
 from target_orb import jsonutil
 from target_orb.delivery import Response, TransportError
@@ -20,6 +24,79 @@ try:
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     USER_AGENT = "target-orb"
 CONNECT_TIMEOUT_CAP = 10.0
+# Where users of requests (first two) and of Orb's own SDK / OpenSSL (last two) point at a
+# private CA bundle; the first one set wins, as in requests.
+CA_ENV_VARS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+TLS_HINT = (
+    "If Orb is reached through a TLS-inspecting proxy or with a private CA, point "
+    "REQUESTS_CA_BUNDLE (or SSL_CERT_FILE) at a PEM bundle that includes that CA."
+)
+
+
+def redact_url(url: str) -> str:
+    """A proxy URL without its credentials, for messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def ca_bundle_from_env() -> tuple[str | bool, str | None]:
+    """The CA bundle the environment names, as requests/OpenSSL users expect.
+
+    Returns:
+        (path, variable) or (True, None) for the default bundle. TLS is verified either way.
+
+    Raises:
+        OrbFatalError: The variable names a path that does not exist.
+    """
+    for name in CA_ENV_VARS:
+        value = os.environ.get(name)
+        if not value:
+            continue
+        if not os.path.exists(value):
+            msg = (
+                f"{name} is set to {value!r}, which does not exist. Point it at a PEM bundle "
+                "holding the CA that signs Orb's (or your proxy's) certificate, or unset it."
+            )
+            raise OrbFatalError(msg)
+        return value, name
+    return True, None
+
+
+def proxies_from_env(url: str) -> dict[str, str]:
+    """The proxy for `url` from HTTPS_PROXY / HTTP_PROXY / ALL_PROXY / NO_PROXY, as requests does.
+
+    Plain http:// is only allowed for a loopback stand-in and never goes through a proxy:
+    the API key would cross the proxy in clear, and a proxy cannot reach this machine's
+    loopback anyway. https:// goes through a CONNECT tunnel, so the proxy never sees the key.
+
+    Args:
+        url: The Orb base URL.
+
+    Returns:
+        `{"https": proxy_url}` or `{}`.
+
+    Raises:
+        OrbFatalError: The proxy URL uses a scheme target-orb cannot use.
+    """
+    if urlsplit(url).scheme != "https":
+        return {}
+    proxy = select_proxy(url, get_environ_proxies(url, no_proxy=None))
+    if not proxy:
+        return {}
+    proxy = prepend_scheme_if_needed(proxy, "http")
+    scheme = urlsplit(proxy).scheme.lower()
+    if scheme not in ("http", "https"):
+        msg = (
+            f"The proxy for {url} ({redact_url(proxy)}, from HTTPS_PROXY or ALL_PROXY) uses "
+            f"`{scheme}://`, which target-orb does not support; use an http:// (CONNECT) "
+            "proxy, or exclude the Orb host with NO_PROXY."
+        )
+        raise OrbFatalError(msg)
+    return {"https": proxy}
 
 
 def _decode(response: requests.Response) -> t.Any:
@@ -52,8 +129,20 @@ class OrbClient:
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(pool_size, 1), max_retries=0)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
-        session.verify = True  # never configurable: TLS is always verified
-        session.trust_env = False  # no proxies or netrc credentials picked up implicitly
+        # TLS is always verified; a private CA from the environment replaces the default
+        # bundle, as in requests. trust_env stays off so `.netrc` credentials are never
+        # picked up (they would replace the Bearer key); proxies are resolved here instead.
+        verify, ca_var = ca_bundle_from_env()
+        session.verify = verify
+        session.trust_env = False
+        session.proxies = proxies_from_env(self.api_url)
+        self.proxy = session.proxies.get("https")
+        if self.proxy:
+            LOGGER.info(
+                "Reaching Orb through the proxy %s (HTTPS_PROXY/NO_PROXY).", redact_url(self.proxy)
+            )
+        if ca_var and self.api_url.startswith("https://"):
+            LOGGER.info("Verifying Orb's TLS certificate against %s=%s.", ca_var, verify)
         session.headers.update(
             {
                 "Authorization": f"Bearer {api_key}",
@@ -81,8 +170,17 @@ class OrbClient:
             raise TransportError("connect timeout", type(exc).__name__) from None
         except requests.exceptions.ReadTimeout as exc:
             raise TransportError("read timeout", type(exc).__name__) from None
+        except requests.exceptions.ProxyError as exc:
+            found = re.search(r"Tunnel connection failed: [^'\")]*", str(exc))
+            why = found.group(0) if found else "cannot connect to the proxy"
+            proxy = redact_url(self.proxy) if self.proxy else "the proxy"
+            raise TransportError(
+                "proxy error", f"{why} via {proxy}; check HTTPS_PROXY and NO_PROXY"
+            ) from None
         except requests.exceptions.SSLError as exc:
-            raise TransportError("TLS error", str(exc)[:200]) from None
+            found = re.search(r"\[SSL[^\]]*\][^'\")]*", str(exc))
+            why = found.group(0) if found else str(exc)[:200]
+            raise TransportError("TLS error", f"{why}. {TLS_HINT}") from None
         except (
             requests.exceptions.ConnectionError,
             requests.exceptions.ChunkedEncodingError,

@@ -104,18 +104,40 @@ class DeliveryResult:
 
 
 class Limiter(t.Protocol):
-    """Client-side rate limiting shared by all requests."""
+    """Client-side rate limiting shared by all requests (see target_orb.ratelimit)."""
 
-    def acquire(self, events: int) -> None: ...
+    def acquire(self, events: int) -> t.Any: ...
+    def accepted(self, ticket: t.Any) -> None: ...
+    def released(self, ticket: t.Any) -> None: ...
+    def refused(self, ticket: t.Any) -> float | None: ...
+    def progressing(self, within: float) -> bool: ...
     def penalize(self, seconds: float) -> None: ...
 
 
 class _NoLimit:
+    """No pacing: a 429 without Retry-After is retried with backoff."""
+
     def acquire(self, events: int) -> None:
         return None
 
+    def accepted(self, ticket: t.Any) -> None:
+        return None
+
+    def released(self, ticket: t.Any) -> None:
+        return None
+
+    def refused(self, ticket: t.Any) -> float | None:
+        return None
+
+    def progressing(self, within: float) -> bool:
+        return False
+
     def penalize(self, seconds: float) -> None:
         return None
+
+
+# Retry-After values beyond this are taken as this (hours would stall a run for nothing).
+MAX_RETRY_AFTER_SECONDS = 300.0
 
 
 class Deliverer:
@@ -339,46 +361,110 @@ class Deliverer:
         on_ambiguous: t.Callable[[], None] | None,
         on_retry: t.Callable[[], None] | None,
     ) -> Response:
+        """Send until an answer that is not retryable, inside the `max_retry_seconds` budget.
+
+        Waiting for Orb's rate limit (a 429 without Retry-After, paced by the limiter) is not
+        charged to the budget while Orb keeps accepting requests through that limiter: a
+        run is never failed merely because Orb is rate limiting. A Retry-After is honoured
+        (capped at MAX_RETRY_AFTER_SECONDS) as far as the budget allows, then one last
+        attempt is made.
+        """
         started = self._clock()
+        uncharged = 0.0  # seconds spent pacing to Orb's limit while it accepts requests
         attempt = 0
+        last_try = False
+        orb_asked: float | None = None
         delays = retry_delays(self._rand)
         while True:
-            limiter.acquire(weight)
+            before = self._clock()
+            ticket = limiter.acquire(weight)
+            if limiter.progressing(self._budget):
+                uncharged += self._clock() - before
+            asked: float | None = None
+            paced = False
             try:
                 response = send_once()
             except TransportError as exc:
+                limiter.released(ticket)
                 failure = f"{exc.kind} ({exc.detail})"
                 wait = next(delays)
                 if on_ambiguous is not None:
                     on_ambiguous()
             else:
                 if classify(response.status) is not Outcome.RETRY:
+                    limiter.accepted(ticket)
                     return response
                 failure = f"HTTP {response.status}"
                 if response.status >= 500 and on_ambiguous is not None:
                     on_ambiguous()
-                hinted = retry_after_seconds(response.headers)
+                asked = retry_after_seconds(response.headers)
                 scheduled = next(delays)  # the schedule advances on every retry
-                wait = hinted if hinted is not None else scheduled
-                if response.status == 429:
-                    limiter.penalize(wait)
-            elapsed = self._clock() - started
-            if elapsed + wait > self._budget:
-                msg = (
-                    f"Orb did not accept {items} after {attempt + 1} attempts over "
-                    f"{elapsed:.0f} s (last: {failure} from {what}); the retry budget "
-                    f"`max_retry_seconds` ({self._budget:g} s) is spent. Nothing after this "
-                    "point is acknowledged and no STATE was written past it; rerun to resend "
-                    "(same idempotency keys)."
+                pacing = (
+                    limiter.refused(ticket)
+                    if response.status == 429 and asked is None else None
                 )
-                raise OrbRetryExhaustedError(msg)
-            LOGGER.warning(
-                "Orb request failed: %s for %s (%s, attempt %d); retrying in %.2f s.",
-                failure, items, what, attempt + 1, wait,
-            )
+                if asked is not None:
+                    orb_asked = asked
+                    limiter.released(ticket)
+                    wait = min(asked, MAX_RETRY_AFTER_SECONDS)
+                    if response.status == 429:
+                        limiter.penalize(wait)
+                elif pacing is not None:
+                    wait = pacing
+                    paced = limiter.progressing(self._budget)
+                else:
+                    limiter.released(ticket)
+                    wait = scheduled
+            elapsed = self._clock() - started - uncharged
+            remaining = self._budget - elapsed
+            if not paced and (last_try or wait > remaining):
+                if asked is not None and not last_try and remaining > 1.0:
+                    wait = remaining  # wait what the budget allows, then one last attempt
+                    last_try = True
+                else:
+                    raise OrbRetryExhaustedError(
+                        self._exhausted(
+                            items, what, failure=failure, attempt=attempt, elapsed=elapsed,
+                            asked=asked if asked is not None else orb_asked,
+                        ),
+                    )
+            if paced:
+                uncharged += wait
+            else:
+                LOGGER.warning(
+                    "Orb request failed: %s for %s (%s, attempt %d); retrying in %.2f s.",
+                    failure, items, what, attempt + 1, wait,
+                )
             attempt += 1
             if on_retry is not None:
                 on_retry()
             if self._sleep(wait):
                 msg = "delivery aborted while waiting to retry"
                 raise DeliveryAbortedError(msg)
+
+    def _exhausted(
+        self,
+        items: str,
+        what: str,
+        *,
+        failure: str,
+        attempt: int,
+        elapsed: float,
+        asked: float | None,
+    ) -> str:
+        hint = ""
+        if asked is not None:
+            capped = (
+                f", capped at {MAX_RETRY_AFTER_SECONDS:g} s"
+                if asked > MAX_RETRY_AFTER_SECONDS else ""
+            )
+            hint = (
+                f" Orb asked to wait {asked:.0f} s (Retry-After{capped}), longer than the "
+                "budget had left: raise `max_retry_seconds` or rerun later."
+            )
+        return (
+            f"Orb did not accept {items} after {attempt + 1} attempts over {elapsed:.0f} s "
+            f"(last: {failure} from {what}); the retry budget `max_retry_seconds` "
+            f"({self._budget:g} s) is spent.{hint} Nothing after this point is acknowledged "
+            "and no STATE was written past it; rerun to resend (same idempotency keys)."
+        )

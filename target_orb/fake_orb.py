@@ -71,6 +71,7 @@ import gzip
 import importlib.resources
 import ipaddress
 import json
+import math
 import os
 import signal
 import socket
@@ -79,6 +80,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import zlib
 from collections.abc import Callable, Iterator
@@ -109,7 +111,9 @@ from target_orb.fake_orb_common import (
 )
 from target_orb.fake_orb_resources import FakeOrbError, OrbResources
 
-__all__ = ["ERROR_TYPE_BASE", "INT64_MAX", "INT64_MIN", "FakeOrb", "FakeOrbError", "main"]
+__all__ = [
+    "ERROR_TYPE_BASE", "INT64_MAX", "INT64_MIN", "FakeOrb", "FakeOrbError", "RateLimit", "main",
+]
 
 #: Upper bound for a scripted ``hang`` so a typo can never wedge a test run.
 MAX_HANG_SECONDS = 600.0
@@ -428,6 +432,61 @@ class _Handler(BaseHTTPRequestHandler):
         self.flush_headers()
 
 
+# --------------------------------------------------------------------------- rate limit
+
+
+class RateLimit:
+    """Orb-style fixed-window limits on ``POST /v1/ingest`` (reference/orb-api.md §2.8).
+
+    At most ``events_per_window`` events per ``window_seconds`` window and
+    ``requests_per_second`` requests per one-second window; windows are fixed (aligned to
+    the clock, not to the client). A request over either budget is refused whole with 429
+    ``429-too-many-requests`` and no ``Retry-After`` (Orb documents none) and counts
+    against nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        events_per_window: int | None = None,
+        window_seconds: float = 60.0,
+        requests_per_second: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if window_seconds <= 0:
+            raise ValueError("window_seconds must be positive")
+        self.events_per_window = events_per_window
+        self.window_seconds = window_seconds
+        self.requests_per_second = requests_per_second
+        self.clock = clock
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._window = self._second = None
+        self._events = self._requests = 0
+
+    def admit(self, events: int) -> bool:
+        """Count a request of ``events`` events, or refuse it (False)."""
+        with self._lock:
+            now = self.clock()
+            window, second = math.floor(now / self.window_seconds), math.floor(now)
+            if window != self._window:
+                self._window, self._events = window, 0
+            if second != self._second:
+                self._second, self._requests = second, 0
+            if (
+                self.events_per_window is not None
+                and self._events + events > self.events_per_window
+            ) or (
+                self.requests_per_second is not None
+                and self._requests + 1 > self.requests_per_second
+            ):
+                self.refused += 1
+                return False
+            self._events += events
+            self._requests += 1
+            return True
+
+
 # --------------------------------------------------------------------------- FakeOrb
 
 
@@ -453,6 +512,7 @@ class FakeOrb(OrbResources):
         store_valid_on_400: bool = False,
         clock: Callable[[], datetime] | None = None,
         amend_cap: int = 100,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         bind_host, family = self._loopback(host)
         self.host = bind_host
@@ -465,6 +525,7 @@ class FakeOrb(OrbResources):
         self.max_events_per_request = max_events_per_request
         self.store_valid_on_400 = store_valid_on_400
         self.clock: Callable[[], datetime] = clock or _utcnow
+        self.rate_limit = rate_limit
 
         self.lock = threading.RLock()
         self.landed: dict[str, dict[str, Any]] = {}
@@ -685,6 +746,9 @@ class FakeOrb(OrbResources):
                 self.key_send_counts.update(keys)
         if not record["authorization_ok"]:
             return _Outcome(401, error_body(401, detail="Missing or invalid API key"), delay=True)
+        if self.rate_limit is not None and not self.rate_limit.admit(record["event_count"]):
+            record["rate_limited"] = True
+            return _Outcome(429, error_body(429, detail="Rate limit exceeded"), delay=True)
         with self.lock:
             fault = self._script.popleft() if self._script else None
         if fault is None:
@@ -1162,6 +1226,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip schema/prose validation (auth, JSON, dedup and counting still apply)",
     )
+    p.add_argument(
+        "--rate-limit-events", type=int, metavar="N",
+        help="Orb-style fixed-window limit: at most N ingested events per window (429 "
+        "without Retry-After beyond it)",
+    )
+    p.add_argument(
+        "--rate-limit-window-seconds", type=float, default=60.0, metavar="S",
+        help="window of --rate-limit-events (default 60, Orb's per-minute limit)",
+    )
+    p.add_argument(
+        "--rate-limit-rps", type=int, metavar="N",
+        help="at most N ingest requests per one-second window",
+    )
     p.add_argument("--events-out", metavar="FILE", help="write landed events as JSON lines")
     p.add_argument(
         "--now",
@@ -1215,6 +1292,14 @@ def main(argv: list[str] | None = None) -> int:
             latency_ms=args.latency_ms,
             accept_all=args.accept_all,
             amend_cap=args.amend_cap,
+            rate_limit=(
+                RateLimit(
+                    events_per_window=args.rate_limit_events,
+                    window_seconds=args.rate_limit_window_seconds,
+                    requests_per_second=args.rate_limit_rps,
+                )
+                if args.rate_limit_events or args.rate_limit_rps else None
+            ),
         )
         if args.now:
             fake.set_now(parse_datetime(args.now))

@@ -48,12 +48,26 @@ What is used, why, and the public API that would replace it:
    one dict lookup instead of a set check per line and an actionable error for a line
    that is not JSON; it sets `_current_message` and calls `_process_unknown_message` as the
    SDK does, and decodes with `singer_sdk.contrib.msgspec.decoder` (what
-   `MsgSpecReader.deserialize_json` uses). Would become: the SDK's own loop, if it did the
-   cheaper check.
+   `MsgSpecReader.deserialize_json` uses). It reads bytes from the file descriptor
+   (target_orb/reader.py `input_lines`, so bytes that are not UTF-8 reach the careful path
+   instead of raising in the SDK's text stream, and a quiet tap is noticed), reads what
+   Python's json reads when msgspec refuses a line (`read_careful`), and fails any line
+   that is not a Singer message with its number and an excerpt. Would become: the SDK's
+   own loop, if it did the cheaper check and had a hook for undecodable lines.
+9. `SeamTarget.take_unreadable_record`: a RECORD holding NaN, lone surrogates or bytes
+   that are not UTF-8 joins its sink's batch as invalid (dead-lettered in order, before
+   STATE passes it), with the SDK's `_assert_sink_exists` check and the sink's
+   `_pending_batch`/`_get_context`, then the SDK's full-sink and `_handle_max_record_age`
+   drains. Would become: a public hook for records the reader rejects.
+10. `SeamTarget.flush_idle`: counts what `_sinks_active` hold, then `drain_all()` (public),
+   when the tap sent nothing for `flush_interval_seconds`. Would become: a public list of
+   active sinks (and the SDK draining on idle input itself, sdk#2692-style).
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 import typing as t
 from collections import Counter, defaultdict
 
@@ -66,7 +80,9 @@ from singer_sdk.mapper import SameRecordTransform
 from singer_sdk.sinks import BatchSink
 from typing_extensions import override
 
-_TYPE = frozenset({"type"})
+from target_orb.reader import InvalidRecordHandler, bad_line, input_lines, read_careful
+
+LOGGER = logging.getLogger("target_orb.reader")
 
 
 class SeamSink(BatchSink):
@@ -84,6 +100,17 @@ class SeamSink(BatchSink):
         if self._validator is not None:
             self.check_record(self._validator, record)
         return record
+
+    def reject_record(self, record: dict, context: dict, code: str, reason: str) -> None:
+        """Take a record the reader could not read as it is into `context` as invalid.
+
+        Args:
+            record: A JSON-safe copy of the record.
+            context: The sink's current batch.
+            code: Why, as a counter name.
+            reason: Why, in words.
+        """
+        raise NotImplementedError
 
     def check_record(self, validator: t.Any, record: dict) -> None:
         """Validate one record against the stream schema without stopping the run.
@@ -109,6 +136,10 @@ class SeamTarget(Target):
         """
         self._fast_sinks: dict[str, SeamSink] = {}
         super().__init__(*args, **kwargs)
+        reader = self.message_reader
+        if isinstance(reader, SeamMessageReader):
+            reader.on_invalid_record = self.take_unreadable_record
+            reader.on_idle = self.flush_idle
 
     # -- hooks for the subclass ---------------------------------------------------------
 
@@ -133,6 +164,46 @@ class SeamTarget(Target):
 
     def raise_if_delivery_failed(self) -> None:
         """Called before each RECORD message is processed."""
+
+    def before_idle_flush(self, buffered: int) -> None:
+        """Called on the reading thread before an idle flush drains every sink.
+
+        Args:
+            buffered: Records waiting in the sinks.
+        """
+
+    # -- what the reader calls (items 9 and 10) -------------------------------------------
+
+    def take_unreadable_record(self, message: dict, code: str, reason: str) -> None:
+        """A RECORD whose values JSON cannot carry: into its sink's batch as invalid, in order.
+
+        Args:
+            message: The RECORD message, with a JSON-safe copy of the record.
+            code: Why, as a counter name.
+            reason: Why, in words.
+        """
+        stream = message["stream"]
+        if stream not in self.mapper.stream_maps:
+            self._assert_sink_exists(stream)
+        maps = self.mapper.stream_maps.get(stream) or []
+        alias = maps[0].stream_alias if maps else stream
+        self._assert_sink_exists(alias)
+        sink = self.get_sink(alias)
+        if not isinstance(sink, SeamSink):
+            return
+        record = message["record"]
+        context = sink._pending_batch or sink._get_context(record)
+        sink.tally_record_read()
+        sink.reject_record(record, context, code, reason)
+        if sink.is_full:
+            self.drain_one(sink)
+        self._handle_max_record_age()
+
+    def flush_idle(self) -> None:
+        """No input for a while: drain every sink (STATE follows through `offer_state`)."""
+        buffered = sum(sink.current_size for sink in self._sinks_active.values())
+        self.before_idle_flush(buffered)
+        self.drain_all()
 
     # -- the private SDK hooks --------------------------------------------------------------
 
@@ -199,7 +270,17 @@ class SeamTarget(Target):
 
 
 class SeamMessageReader(MsgSpecReader):
-    """Same messages, callbacks and errors as `MsgSpecReader`, less work per line (item 8)."""
+    """Same messages and callbacks as `MsgSpecReader`, less work per line, tolerant input
+    (items 8 and 9).
+
+    The target sets `on_invalid_record` (a RECORD whose values JSON cannot carry: NaN,
+    lone surrogates, bytes that are not UTF-8), `on_idle` and `idle_seconds` (flush partial
+    batches when the tap goes quiet); see target_orb/reader.py.
+    """
+
+    on_invalid_record: InvalidRecordHandler | None = None
+    on_idle: t.Callable[[], None] | None = None
+    idle_seconds: float = 0.0
 
     @override
     def process_lines(
@@ -211,26 +292,45 @@ class SeamMessageReader(MsgSpecReader):
         decode = _msgspec_decoder.decode
         get_callback = callbacks.get
         number = 0
-        for line in file_input or self.default_input:
+        source = file_input if file_input is not None else sys.stdin
+        for line in input_lines(source, self):
             number += 1
-            self._current_message = line
+            self._current_message = line  # type: ignore[assignment]  # bytes: raw input
             try:
                 message = decode(line)
-            except msgspec.DecodeError as exc:
-                shown = line if len(line) <= 200 else line[:200] + "…"
-                msg = (
-                    f"Input line {number} is not a JSON Singer message ({exc}): {shown!r}. "
-                    "The tap's output is malformed; nothing after the last STATE was "
-                    "acknowledged, so a rerun resends it."
+            except (msgspec.DecodeError, RecursionError):
+                message = read_careful(line, number, self.on_invalid_record)
+                if message is None:
+                    continue  # whitespace only, or an invalid record handed over
+            if type(message) is not dict:
+                raise bad_line(number, line, "is not a JSON object (a Singer message)")
+            kind: t.Any = message.get("type")
+            try:
+                callback = get_callback(kind)
+            except TypeError:  # unhashable `type`
+                callback = None
+            if callback is None:
+                if type(kind) is not str:
+                    raise bad_line(number, line, "has no message type (a string `type`)")
+                raise bad_line(
+                    number, line, f"has an unknown message type {kind[:40]!r} (expected "
+                    "SCHEMA, RECORD, STATE, ACTIVATE_VERSION or BATCH)",
                 )
-                raise InvalidInputLine(msg) from None
-            kind: t.Any = message.get("type") if type(message) is dict else None
-            if kind is None:
-                self.assert_line_requires(message, requires=set(_TYPE))
-            callback = get_callback(kind)
-            if callback is not None:
+            try:
                 callback(message)
-            else:
-                self._process_unknown_message(message)
+            except InvalidInputLine as exc:  # the SDK's checks (missing `stream`, …)
+                if str(exc).startswith("Input line "):
+                    raise
+                raise bad_line(number, line, f"is not a valid Singer message ({exc})") from None
+            except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+                if type(exc).__module__.startswith("target_orb"):
+                    raise
+                LOGGER.debug("Input line %d failed", number, exc_info=True)
+                detail = str(exc)[:200] or type(exc).__name__
+                raise bad_line(
+                    number, line,
+                    f"could not be processed ({type(exc).__name__}: {detail}); check that it "
+                    "is a well-formed Singer message",
+                ) from None
             stats[kind] += 1
         return Counter(**stats)

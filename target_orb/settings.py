@@ -23,6 +23,9 @@ from singer_sdk import typing as th
 # Orb /v1/ingest limit (docs.withorb.com/events-and-metrics/event-ingestion).
 MAX_EVENTS_PER_REQUEST = 500
 DEFAULT_API_URL = "https://api.withorb.com/v1"
+# Idle flush: long enough that a tap paging through an API keeps full batches, short enough
+# that a quiet tap has its events in Orb and its bookmark saved within seconds.
+DEFAULT_FLUSH_INTERVAL_SECONDS = 5.0
 
 RecordPreset = t.Literal["segment", "segment_warehouse"]
 NestedPolicy = t.Literal["flatten", "json_string", "drop", "reject"]
@@ -189,7 +192,8 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "event_types",
         th.ArrayType(th.StringType),
         "Event types",
-        "Segment `type` values that are sent; records without `type` count as track.",
+        "Segment `type` values that are sent, compared case-insensitively (`Track` matches "
+        "`track` and `TRACK`); records without `type` count as track.",
         default=["track"],
     ),
     _prop(
@@ -326,6 +330,16 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "Progress interval seconds",
         "Log a progress line on stderr this often; 0 turns it off.",
         default=30,
+    ),
+    _prop(
+        "flush_interval_seconds",
+        th.NumberType(minimum=0, maximum=3600),
+        "Flush interval seconds",
+        "When no input arrives for this long, partial batches are sent and STATE is written "
+        "once Orb acknowledged them; 0 turns it off. Default 5: a tap paging through an API "
+        "usually pauses well under that between pages (so batches stay full), while a quiet "
+        "or streaming tap still has its events in Orb and its bookmark saved within seconds.",
+        default=DEFAULT_FLUSH_INTERVAL_SECONDS,
     ),
     _prop(
         "validate_records",
@@ -473,6 +487,7 @@ class DeliverySettings:
     invalid_event_policy: InvalidPolicy
     dead_letter_path: str
     progress_interval_seconds: int
+    flush_interval_seconds: float
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -602,7 +617,8 @@ def build_mapping_spec(config: t.Mapping[str, t.Any]) -> MappingSpec:
         properties_mapping=flatten_mapping(resolved["properties_mapping"]),
         properties_passthrough=bool(resolved["properties_passthrough"]),
         warehouse_columns=preset == "segment_warehouse" and resolved["properties_field"] == "",
-        event_types=frozenset(resolved["event_types"]),
+        # Compared with the record's lower-cased `type`: case-insensitive on both sides.
+        event_types=frozenset(str(v).lower() for v in resolved["event_types"]),
         event_allowlist=frozenset(allow) if allow is not None else None,
         event_denylist=frozenset(resolved["event_denylist"] or ()),
     )

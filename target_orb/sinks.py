@@ -165,6 +165,24 @@ class OrbSink(SeamSink):
             )
 
     @override
+    def reject_record(self, record: dict, context: dict, code: str, reason: str) -> None:
+        """Take a record the reader could not read as it is (NaN, bad text) as invalid.
+
+        It joins the current batch's dead-letter lines, so STATE moves past it only once it
+        is durably dead-lettered, like any other invalid record.
+
+        Args:
+            record: A JSON-safe copy of the record (poison values escaped as text).
+            context: The current batch.
+            code: The invalid-by-reason counter.
+            reason: The dead-letter reason.
+        """
+        runtime = self._runtime
+        runtime.stats.records_read += 1
+        runtime.stats.invalid[code] += 1
+        context.setdefault("invalid", []).append(entry(self.stream_name, record, reason, "local"))
+
+    @override
     def process_batch(self, context: dict) -> None:
         """Dead-letter local rejects (fsynced), then queue the request for Orb.
 

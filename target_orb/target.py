@@ -95,10 +95,10 @@ class _Runtime:
         self.abort = threading.Event()
         self.ingest_limiter: RateLimiter | None = None
         # Orb budgets each kind of call separately (docs.withorb.com/api-reference/rate-limits):
-        # ingest, other writes (backfill create/close, customer updates, amend/deprecate) and
-        # reads (search).
-        self.write_limiter = RateLimiter()
-        self.read_limiter = RateLimiter()
+        # writes (backfill create/close, customer updates, amend/deprecate) and reads (search).
+        # Each paces itself to what Orb allows once Orb answers 429 (target_orb.ratelimit).
+        self.write_limiter = RateLimiter(name="other writes", unit="requests")
+        self.read_limiter = RateLimiter(name="reads", unit="requests")
         if not s.dry_run:
             self.client = OrbClient(
                 s.api_url, config["api_key"], timeout=s.request_timeout,
@@ -107,6 +107,8 @@ class _Runtime:
             limiter = self.ingest_limiter = RateLimiter(
                 requests_per_second=s.max_requests_per_second,
                 events_per_minute=s.max_events_per_minute,
+                name="ingest",
+                unit="events",
             )
             deliverer = Deliverer(
                 self.client.post_ingest,
@@ -297,12 +299,32 @@ class TargetOrb(SeamTarget):
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, self._on_signal)
+        # Idle flush: the reader calls `flush_idle` (the seam) after this long without input.
+        reader = self.message_reader
+        if isinstance(reader, SeamMessageReader):
+            reader.idle_seconds = self.runtime.settings.flush_interval_seconds
         if self.is_cli_run:
             type(self).cli_target = self
             self.runtime.ensure_started()
             _tune_gc()
 
     # -- the seam's hooks (target_orb/sdk_seam.py) -----------------------------------------
+
+    @override
+    def before_idle_flush(self, buffered: int) -> None:
+        """No input for `flush_interval_seconds`: say so, then the seam drains every sink.
+
+        Runs on the reading thread (the reader calls it while waiting for input), so it
+        never races the record path. STATE follows once Orb acknowledged what precedes it.
+        """
+        pipeline = self.runtime.pipeline
+        if pipeline.error is not None:
+            pipeline.raise_if_failed()
+        log = self.logger.info if buffered else self.logger.debug
+        log(
+            "No input for %g s: sending %d buffered records now; STATE follows once Orb "
+            "acknowledges them.", self.runtime.settings.flush_interval_seconds, buffered,
+        )
 
     @override
     def config_problems(self) -> list[str]:

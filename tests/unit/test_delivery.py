@@ -182,12 +182,36 @@ def test_retry_budget_exhausted_fails_naming_status_and_count():
     assert "k0" not in message  # never the keys
 
 
-def test_retry_after_beyond_budget_fails_instead_of_sleeping():
-    deliverer, _, clock = make(lambda keys, n: Response(429, {"Retry-After": "3600"}, None),
-                               budget=60)
-    with pytest.raises(OrbRetryExhaustedError, match="HTTP 429"):
+def test_retry_after_beyond_budget_waits_what_the_budget_allows_then_says_what_orb_asked():
+    # Issue 10: wait as far as the budget allows, try once more, then name Orb's ask; an
+    # absurd value (an hour) is capped.
+    deliverer, script, clock = make(
+        lambda keys, n: Response(429, {"Retry-After": "3600"}, None), budget=60
+    )
+    with pytest.raises(OrbRetryExhaustedError) as info:
         deliverer.deliver(events(1))
-    assert clock.sleeps == []
+    assert clock.sleeps == [60.0]
+    assert len(script.calls) == 2
+    message = str(info.value)
+    assert "HTTP 429" in message
+    assert "Orb asked to wait 3600 s" in message
+    assert "capped at 300 s" in message
+    assert "max_retry_seconds" in message
+
+
+def test_retry_after_longer_than_the_budget_left_then_success_delivers():
+    answers = [Response(503, {"Retry-After": "100"}, None)]
+    deliverer, _, clock = make(lambda keys, n: answers[0] if n == 1 else ok(), budget=40)
+    result = deliverer.deliver(events(2))
+    assert sorted(result.accepted) == [0, 1]
+    assert clock.sleeps == [40.0]
+
+
+def test_absurd_retry_after_within_a_large_budget_is_capped():
+    answers = [Response(429, {"Retry-After": "7200"}, None)]
+    deliverer, _, clock = make(lambda keys, n: answers[0] if n == 1 else ok(), budget=3600)
+    deliverer.deliver(events(1))
+    assert clock.sleeps == [300.0]
 
 
 @pytest.mark.parametrize("status", [401, 403, 404])
@@ -296,3 +320,30 @@ def test_rejection_after_an_ambiguous_attempt_says_orb_may_have_it():
     assert "Orb may already have this event" in result.rejected[0][1]
     clean, _, _ = make(lambda keys, n: Response(413, {}, None))
     assert "may already" not in clean.deliver(events(1)).rejected[0][1]
+
+
+def test_rate_limited_retries_do_not_spend_the_budget_while_orb_accepts():
+    # Orb accepts one request in three and refuses the others with 429 without
+    # Retry-After: far past the budget in time, yet never exhausted (issue 10).
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock.clock, sleep=clock.sleep)
+    deliverer = Deliverer(
+        Script(lambda keys, n: ok() if n % 3 == 0 else Response(429, {}, None)),
+        url="u", max_retry_seconds=10, clock=clock.clock, sleep=clock.sleep,
+        rand=lambda: 0.5, limiter=limiter,
+    )
+    for _ in range(12):
+        assert deliverer.deliver(events(2)).accepted == [0, 1]
+    assert clock.now > 10
+
+
+def test_a_limit_that_accepts_nothing_still_ends_in_the_budget():
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock.clock, sleep=clock.sleep)
+    deliverer = Deliverer(
+        Script(lambda keys, n: Response(429, {}, None)), url="u", max_retry_seconds=60,
+        clock=clock.clock, sleep=clock.sleep, rand=lambda: 0.5, limiter=limiter,
+    )
+    with pytest.raises(OrbRetryExhaustedError, match="HTTP 429"):
+        deliverer.deliver(events(1))
+    assert clock.now < 200
