@@ -105,7 +105,7 @@ def setup(tmp_path):
 
 def run(up: Upserter, *items: Item):
     order = KeyOrder()
-    return up._job("s", list(items), order.claim(i.key for i in items))()  # noqa: SLF001
+    return up._job("s", list(items), order.claim(i.key for i in items))()
 
 
 def item(e: dict | None, *, key: str | None = None, deleted: bool = False, late: bool = False):
@@ -174,7 +174,7 @@ def test_deleted_rows_deprecate_and_unknown_ones_are_counted(setup):
 
 
 def test_live_row_whose_event_was_deprecated_is_dead_lettered_locally(setup):
-    make, orb, _ = setup
+    make, _orb, _ = setup
     run(make(), item(event(1)))
     run(make(), item(event(1), deleted=True))
     up = make()
@@ -315,4 +315,4 @@ def test_jobs_sharing_a_key_run_in_submission_order():
     job("first", first)
     t2.join(5)
     assert log == ["third", "first", "second"]
-    assert order._last == {}  # noqa: SLF001 - nothing left claimed
+    assert order._last == {}
