@@ -119,12 +119,26 @@ class OrbSink(BatchSink):
         return record
 
     @override
+    def _remove_sdc_metadata_from_record(self, record: dict) -> None:
+        """Strip the SDK's `_sdc_*` columns but keep `_sdc_deleted_at`: under `upsert` it
+        marks a deleted row (the mapping never sends `_sdc_*` keys)."""
+        deleted = record.get("_sdc_deleted_at")
+        super()._remove_sdc_metadata_from_record(record)
+        if deleted is not None:
+            record["_sdc_deleted_at"] = deleted
+
+    @override
     def process_record(self, record: dict, context: dict) -> None:
         runtime = self._runtime
         runtime.stats.records_read += 1
         if time.monotonic() - self._now_at > _NOW_REFRESH_SECONDS:
             self._now = datetime.datetime.now(_UTC)
             self._now_at = time.monotonic()
+        if runtime.corrections is not None:  # load_method: upsert
+            runtime.corrections.add_record(
+                self.stream_name, record, context, self._now, runtime.stats,
+            )
+            return
         result = map_record(record, self.stream_name, runtime.spec, self._now)
         if type(result) is Mapped:
             if result.key_derived:
@@ -148,6 +162,9 @@ class OrbSink(BatchSink):
         Orb answered never moves a bookmark past undelivered events.
         """
         runtime = self._runtime
+        if runtime.corrections is not None:  # load_method: upsert
+            runtime.corrections.submit_batch(self.stream_name, context)
+            return
         events: list[dict] = context.get("events", [])
         records: list[t.Any] = context.get("records", [])
         invalid = context.get("invalid", [])

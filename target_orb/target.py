@@ -33,6 +33,9 @@ from target_orb.errors import (
     OrbRetryExhaustedError,
     TerminatedError,
 )
+from target_orb.ledger import Ledger
+from target_orb.ledger import default_url as ledger_default_url
+from target_orb.ledger import describe as ledger_describe
 from target_orb.pipeline import Pipeline
 from target_orb.ratelimit import RateLimiter
 from target_orb.reader import OrbMessageReader
@@ -41,9 +44,11 @@ from target_orb.settings import (
     build_delivery_settings,
     build_mapping_spec,
     config_problems,
+    load_method,
 )
 from target_orb.sinks import OrbSink
 from target_orb.stats import RunStats
+from target_orb.upsert import LiveOrbPort, Upserter
 
 if t.TYPE_CHECKING:
     from types import FrameType
@@ -79,6 +84,7 @@ class _Runtime:
     def __init__(self, target: TargetOrb) -> None:
         config = target.config
         self.spec = build_mapping_spec(config)
+        self.settings_config = config
         self.settings = build_delivery_settings(config)
         self.stats = RunStats()
         self.logger = target.logger
@@ -124,6 +130,24 @@ class _Runtime:
             interrupt_main_on_failure=target.is_cli_run,
             progress_interval=s.progress_interval_seconds,
         )
+        # `load_method: upsert` (README "Corrections"); None keeps append-only untouched.
+        self.corrections: Upserter | None = None
+        self.ledger: Ledger | None = None
+        if load_method(config) == "upsert" and self.client is not None and deliverer is not None:
+            self.ledger = Ledger(config.get("ledger_url") or ledger_default_url(s.dead_letter_path))
+            self.corrections = Upserter(
+                spec=self.spec,
+                ledger=self.ledger,
+                port=LiveOrbPort(
+                    self.client, deliverer,
+                    write_limiter=self.write_limiter, read_limiter=self.read_limiter,
+                ),
+                pipeline=self.pipeline,
+                deprecate_deleted_events=bool(config.get("deprecate_deleted_events")),
+                aborted=lambda: self.pipeline.error is not None,
+                note_derived_key=self.note_derived_key,
+                run_stats=self.stats,
+            )
 
     def ensure_started(self) -> None:
         """Check the dead-letter path, then ping Orb once (never in dry-run mode).
@@ -137,10 +161,20 @@ class _Runtime:
         problem = self.dead_letters.check_writable()
         if problem is not None:
             raise OrbFatalError(problem + " Nothing was read or sent.")
+        if self.ledger is not None:
+            self.ledger.open()
+            self.logger.info(
+                "load_method upsert: corrections ledger at %s.", ledger_describe(self.ledger.url)
+            )
         if self.client is not None:
             self.client.ping()
         else:
             self.logger.info("DRY RUN: no request will be made to Orb (no ping, no ingest).")
+            if load_method(self.settings_config) == "upsert":
+                self.logger.info(
+                    "DRY RUN: load_method upsert decides nothing in a dry run (no ledger, no "
+                    "search); the payloads below are shown as new events.",
+                )
 
     def note_derived_key(self, stream: str) -> None:
         self.stats.keys_derived += 1
@@ -159,13 +193,27 @@ class _Runtime:
             dry_run=self.settings.dry_run,
             failed=failed,
         )
+        metrics = self.stats.as_dict()
+        if self.corrections is not None:
+            text += "\n" + "\n".join(self.corrections.stats.summary_lines())
+            metrics["corrections"] = self.corrections.stats.as_dict()
         self.logger.info(text)
-        self.logger.info("target-orb metrics: %s", jsonutil.dumps_str(self.stats.as_dict()))
+        self.logger.info("target-orb metrics: %s", jsonutil.dumps_str(metrics))
+
+    def finish(self) -> None:
+        """After a successful run: prune ledger entries past Orb's correction window."""
+        if self.ledger is not None:
+            pruned = self.ledger.prune()
+            if pruned:
+                self.logger.info("Corrections ledger: pruned %d entries past Orb's correction "
+                                 "window.", pruned)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self.pipeline.close(timeout)
         if self.client is not None:
             self.client.close()
+        if self.ledger is not None:
+            self.ledger.close()
 
 
 class TargetOrb(Target):
@@ -290,6 +338,7 @@ class TargetOrb(Target):
         super().process_endofpipe()
         self.runtime.pipeline.wait_all()
         self.runtime.pipeline.close()
+        self.runtime.finish()
 
     @override
     def _handle_termination(self, signum: int, frame: FrameType | None) -> None:

@@ -18,6 +18,7 @@ import logging
 import threading
 import typing as t
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -43,7 +44,8 @@ from target_orb.policy import Outcome, classify, orb_error_summary
 from target_orb.timestamps import TimestampError, parse_and_format
 
 if t.TYPE_CHECKING:
-    from target_orb.delivery import DeliveryResult, Response
+    from target_orb.client import OrbClient
+    from target_orb.delivery import Deliverer, DeliveryResult, Limiter, Response
     from target_orb.pipeline import Pipeline
     from target_orb.settings import MappingSpec
 
@@ -604,3 +606,60 @@ class _BatchRun:
         self.result.rejected.append(line)
         with self.stats.lock:
             self.stats.refused[code] += 1
+
+
+class LiveOrbPort:
+    """`OrbPort` over the real client: searches draw from the read budget, amendments and
+    deprecations from Orb's "other writes" budget, all with ingest's retry rules."""
+
+    def __init__(
+        self,
+        client: OrbClient,
+        deliverer: Deliverer,
+        *,
+        write_limiter: Limiter,
+        read_limiter: Limiter,
+    ) -> None:
+        """Wire the calls.
+
+        Args:
+            client: The Orb client.
+            deliverer: Retries (and ingest).
+            write_limiter: The runtime's `write_limiter`.
+            read_limiter: The runtime's `read_limiter`.
+        """
+        self._client = client
+        self._deliverer = deliverer
+        self._write = write_limiter
+        self._read = read_limiter
+
+    def search(
+        self, keys: list[str], start: datetime.datetime, end: datetime.datetime
+    ) -> dict[str, dict[str, t.Any]]:
+        """Orb's stored events for these keys (never-amended ones only)."""
+        from target_orb.search import search_existing  # noqa: PLC0415
+
+        return search_existing(
+            self._client, self._deliverer, keys,
+            timeframe_start=start, timeframe_end=end, limiter=self._read,
+        )
+
+    def deliver(self, events: list[dict[str, t.Any]]) -> DeliveryResult:
+        """Ingest new events (413 split, 400 quarantine as for append-only)."""
+        return self._deliverer.deliver(events)
+
+    def amend(self, key: str, body: dict[str, t.Any]) -> Response:
+        """`PUT /v1/events/{key}` with exactly the AmendedEvent fields."""
+        path = f"/events/{quote(key, safe='')}"
+        return self._deliverer.request(
+            lambda: self._client.call("PUT", path, body=body),
+            what=f"PUT {self._client.url(path)}", limiter=self._write,
+        )
+
+    def deprecate(self, key: str) -> Response:
+        """`PUT /v1/events/{key}/deprecate` (no body)."""
+        path = f"/events/{quote(key, safe='')}/deprecate"
+        return self._deliverer.request(
+            lambda: self._client.call("PUT", path),
+            what=f"PUT {self._client.url(path)}", limiter=self._write,
+        )
