@@ -57,7 +57,7 @@ def row(n: int, tokens: int = 1, **fields: t.Any) -> dict[str, t.Any]:
 
 
 def upsert_config(orb: FakeOrb, tmp_path, **over: t.Any) -> dict[str, t.Any]:
-    return base_config(orb, tmp_path, load_method="upsert", **over)
+    return base_config(orb, tmp_path, **{"load_method": "upsert", **over})
 
 
 def run(orb: FakeOrb, tmp_path, records, *, sub: str, **over: t.Any):
@@ -77,7 +77,13 @@ def corrections(stderr: str) -> dict[str, t.Any]:
 
 
 def billed(orb: FakeOrb) -> dict[str, dict[str, t.Any]]:
-    return {e["idempotency_key"]: e["properties"] for e in orb.events()}
+    """key → properties of the version Orb bills (latest amendment; deprecated ones left out)."""
+    deprecated = {c["id"] for c in orb.corrections() if c["deprecated"]}
+    return {
+        e["idempotency_key"]: orb.amendments(e["idempotency_key"])[-1]["properties"]
+        for e in orb.events()
+        if e["idempotency_key"] not in deprecated
+    }
 
 
 def requests_since(orb: FakeOrb, start: int) -> list[tuple[str, str]]:
