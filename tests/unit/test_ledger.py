@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import threading
 
 import pytest
@@ -21,12 +22,47 @@ def _write(key: str, op: str, body: dict | None = BODY) -> Write:
                  (body or {}).get("timestamp", "2026-01-02T03:04:05Z"), "external_customer_id:c1")
 
 
+# The same code path on PostgreSQL: set TARGET_ORB_TEST_POSTGRES_URL (e.g.
+# postgresql://postgres@127.0.0.1:5432/postgres); each test gets a schema of its own.
+_PG_URL = os.environ.get("TARGET_ORB_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_ledger(request, tmp_path):
+    opened: list[Ledger] = []
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'l.sqlite'}"
+    else:
+        if not _PG_URL:
+            pytest.skip("no PostgreSQL (set TARGET_ORB_TEST_POSTGRES_URL)")
+        url = _pg_schema_url(_PG_URL, f"ledger_{abs(hash(request.node.nodeid)) % 10**9}")
+
+    def make(clock=None) -> Ledger:
+        led = Ledger(url, clock=clock)
+        led.open()
+        opened.append(led)
+        return led
+
+    yield make
+    for led in opened:
+        led.close()
+
+
+def _pg_schema_url(base: str, schema: str) -> str:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    engine.dispose()
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}options=-csearch_path%3D{schema}"
+
+
 @pytest.fixture
-def ledger(tmp_path):
-    led = Ledger(f"sqlite:///{tmp_path / 'l.sqlite'}")
-    led.open()
-    yield led
-    led.close()
+def ledger(make_ledger):
+    return make_ledger()
 
 
 def test_default_url_is_a_sqlite_file_beside_the_dead_letter_file(tmp_path):
@@ -34,16 +70,18 @@ def test_default_url_is_a_sqlite_file_beside_the_dead_letter_file(tmp_path):
     assert default_url(str(dead)) == f"sqlite:///{tmp_path / 'sub' / LEDGER_FILE_NAME}"
 
 
-def test_acknowledged_entry_is_read_back_and_survives_reopening(tmp_path):
-    url = f"sqlite:///{tmp_path / 'deep' / 'dir' / 'l.sqlite'}"  # folders are created
-    led = Ledger(url)
+def test_folders_of_the_sqlite_file_are_created(tmp_path):
+    led = Ledger(f"sqlite:///{tmp_path / 'deep' / 'dir' / 'l.sqlite'}")
     led.open()
+    led.close()
+    assert (tmp_path / "deep" / "dir" / "l.sqlite").exists()
+
+
+def test_acknowledged_entry_is_read_back_and_survives_reopening(make_ledger):
+    led = make_ledger()
     led.acknowledge([_write("k1", "ingest")])
     led.close()
-    again = Ledger(url)
-    again.open()
-    known = again.lookup(["k1", "k2"])
-    again.close()
+    known = make_ledger().lookup(["k1", "k2"])
     assert set(known) == {"k1"}
     k = known["k1"]
     assert k.digest == body_digest(BODY) and k.body == BODY
@@ -98,18 +136,16 @@ def test_lookup_of_more_keys_than_one_in_clause(ledger):
     assert ledger.count() == 1203
 
 
-def test_prune_drops_entries_past_the_correction_window_but_not_pending_ones():
+def test_prune_drops_entries_past_the_correction_window_but_not_pending_ones(make_ledger):
     now = datetime.datetime(2027, 6, 1, tzinfo=UTC)
     old = (now - RETENTION - datetime.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     recent = (now - datetime.timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    led = Ledger("sqlite://", clock=lambda: now)
-    led.open()
+    led = make_ledger(clock=lambda: now)
     led.acknowledge([_write("old", "ingest", {**BODY, "timestamp": old}),
                      _write("new", "ingest", {**BODY, "timestamp": recent})])
     led.mark_pending([_write("old-pending", "ingest", {**BODY, "timestamp": old})])
     assert led.prune() == 1
     assert set(led.lookup(["old", "new", "old-pending"])) == {"new", "old-pending"}
-    led.close()
 
 
 def test_concurrent_writers_on_one_sqlite_file(ledger):
