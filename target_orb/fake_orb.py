@@ -42,9 +42,7 @@ import gzip
 import importlib.resources
 import ipaddress
 import json
-import math
 import os
-import re
 import signal
 import socket
 import socketserver
@@ -56,40 +54,37 @@ import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jsonschema
 
-__all__ = ["ERROR_TYPE_BASE", "FakeOrb", "main"]
+from target_orb.fake_orb_common import (
+    _VALIDATION_TITLE,
+    _VALIDATION_TYPE,
+    ERROR_TYPE_BASE,
+    INT64_MAX,
+    INT64_MIN,
+    _canonical,
+    _compact,
+    _Outcome,
+    _property_problem,
+    _Request,
+    _timestamp_errors,
+    _utcnow,
+    error_body,
+    format_checker,
+    parse_datetime,
+)
+from target_orb.fake_orb_resources import FakeOrbError, OrbResources
 
-ERROR_TYPE_BASE = "https://docs.withorb.com/reference/error-responses#"
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
+__all__ = ["ERROR_TYPE_BASE", "INT64_MAX", "INT64_MIN", "FakeOrb", "FakeOrbError", "main"]
+
 #: Upper bound for a scripted ``hang`` so a typo can never wedge a test run.
 MAX_HANG_SECONDS = 600.0
 _DRAIN_CHUNK = 64 * 1024
-
-# (type suffix, title) per HTTP status for default error bodies. The 400-429/500
-# suffixes are Orb's (orb-api.md §1.1); 403/408/502/503 have no Orb type, so
-# these suffixes are made up in the same style.
-_DEFAULT_ERRORS: dict[int, tuple[str, str]] = {
-    400: ("400-constraint-violation", "Constraint violation"),
-    401: ("401-authentication-error", "Authentication error"),
-    403: ("403-forbidden", "Forbidden"),
-    404: ("404-url-not-found", "URL not found"),
-    408: ("408-request-timeout", "Request timeout"),
-    409: ("409-resource-conflict", "Resource conflict"),
-    413: ("413-request-too-large", "Request too large"),
-    429: ("429-too-many-requests", "Too many requests"),
-    500: ("500-internal-server-error", "Internal server error"),
-    502: ("502-bad-gateway", "Bad gateway"),
-    503: ("503-service-unavailable", "Service unavailable"),
-}
-_VALIDATION_TYPE = "400-request-validation-errors"
-_VALIDATION_TITLE = "Request validation failed"
 
 _FAULT_KEYS = {
     "status",
@@ -103,46 +98,7 @@ _FAULT_KEYS = {
     "seconds",
 }
 
-# RFC 3339 date-time (used for the JSON-schema "date-time" format).
-_RFC3339_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
-)
-# What Orb documents for ingest: UTC, "no timezone offset", trailing Z.
-_ORB_TS_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?Z$")
-_OFFSET_RE = re.compile(r"T.*[+-]\d{2}(:?\d{2})?$")
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def error_body(status: int, type_suffix: str | None = None, **extra: Any) -> dict[str, Any]:
-    """An RFC-7807 error body shaped like Orb's (orb-api.md §1.1)."""
-    default_suffix, default_title = _DEFAULT_ERRORS.get(status, (f"{status}-error", "Error"))
-    suffix = type_suffix or default_suffix
-    body: dict[str, Any] = {
-        "type": suffix if suffix.startswith("http") else ERROR_TYPE_BASE + suffix,
-        "status": status,
-        "title": default_title,
-        "detail": default_title,
-    }
-    body.update(extra)
-    return body
-
-
 # --------------------------------------------------------------------------- schema
-
-
-def _check_rfc3339(value: object) -> bool:
-    if not isinstance(value, str):
-        return True  # formats only constrain strings
-    m = _RFC3339_RE.match(value)
-    if not m:
-        raise ValueError(f"{value!r} is not an RFC 3339 date-time")
-    year, month, day, hour, minute, sec = (int(g) for g in m.groups()[:6])
-    # datetime() validates calendar ranges; RFC 3339 allows a leap second 60.
-    datetime(year, month, day, hour, minute, min(sec, 59))
-    return True
 
 
 _SCHEMA_LOCK = threading.Lock()
@@ -161,11 +117,9 @@ def _validator() -> jsonschema.Draft202012Validator:
         if _SCHEMA_VALIDATOR is None:
             schema = load_schema()
             jsonschema.Draft202012Validator.check_schema(schema)
-            checker = jsonschema.FormatChecker(formats=())
-            # jsonschema's own date-time checker needs an optional package
-            # (rfc3339-validator) and silently passes without it: register ours.
-            checker.checks("date-time", raises=ValueError)(_check_rfc3339)
-            _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(schema, format_checker=checker)
+            _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(
+                schema, format_checker=format_checker()
+            )
         return _SCHEMA_VALIDATOR
 
 
@@ -187,32 +141,6 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _compact(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-
-
-def _property_problem(value: Any) -> str | None:
-    if isinstance(value, bool | str):
-        return None
-    if isinstance(value, int):
-        if INT64_MIN <= value <= INT64_MAX:
-            return None
-        return "integer is outside the int64 range [-2**63, 2**63-1]"
-    if isinstance(value, float):
-        return None if math.isfinite(value) else "number must be finite"
-    if value is None:
-        return "null is not allowed (values must be string, number or boolean)"
-    if isinstance(value, list):
-        return "arrays are not allowed (values must be string, number or boolean)"
-    if isinstance(value, dict):
-        return "nested objects are not allowed (values must be string, number or boolean)"
-    return f"unsupported value type {type(value).__name__}"
 
 
 def _normalize_fault(fault: Any) -> dict[str, Any]:
@@ -276,26 +204,6 @@ def _normalize_fault(fault: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- internal types
-
-
-@dataclass
-class _Request:
-    method: str
-    path: str
-    query: str
-    headers: Any  # email.message.Message
-    body: bytes | None  # None when the body was drained for being too large
-    body_len: int
-
-
-@dataclass
-class _Outcome:
-    status: int | None = 200
-    body: Any = None  # dict/list -> JSON; str -> text; None -> empty
-    headers: dict[str, str] = field(default_factory=dict)
-    action: str | None = None  # None | "hang" | "reset"
-    seconds: float = 0.0
-    delay: bool = False  # apply latency_ms before answering
 
 
 @dataclass
@@ -494,7 +402,7 @@ class _Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------- FakeOrb
 
 
-class FakeOrb:
+class FakeOrb(OrbResources):
     """A strict local Orb ``/v1/ingest`` + ``/v1/ping`` with fault injection.
 
     ``with FakeOrb() as orb: ...`` starts it on a free loopback port; ``orb.url``
@@ -515,6 +423,7 @@ class FakeOrb:
         max_events_per_request: int = 500,
         store_valid_on_400: bool = False,
         clock: Callable[[], datetime] | None = None,
+        amend_cap: int = 100,
     ) -> None:
         bind_host, family = self._loopback(host)
         self.host = bind_host
@@ -536,6 +445,7 @@ class FakeOrb:
         self.fail_keys: dict[str, str] = {}
         self.events_over_413: int | None = None
         self._script: collections.deque[dict[str, Any]] = collections.deque()
+        self._init_resources(amend_cap)
 
         if not accept_all:
             _validator()  # fail fast if the vendored schema is missing or broken
@@ -607,11 +517,6 @@ class FakeOrb:
 
     # ------------------------------------------------------------------ state / control
 
-    def events(self) -> list[dict[str, Any]]:
-        """Landed event bodies in landing order."""
-        with self.lock:
-            return list(self.landed.values())
-
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return {
@@ -619,6 +524,7 @@ class FakeOrb:
                 "requests": len(self.requests),
                 "duplicates": self.duplicates,
                 "key_send_counts": dict(self.key_send_counts),
+                **self._resource_stats(),
             }
 
     def reset(self) -> None:
@@ -631,6 +537,7 @@ class FakeOrb:
             self.fail_keys = {}
             self.events_over_413 = None
             self._script.clear()
+        self._reset_resources()
 
     def script(self, *faults: dict[str, Any]) -> None:
         """Queue faults, consumed one per authorised ``POST /v1/ingest`` (FIFO)."""
@@ -676,6 +583,7 @@ class FakeOrb:
     def _process(self, req: _Request) -> _Outcome:
         if req.path == "/_fake" or req.path.startswith("/_fake/"):
             return self._control(req)
+        self._tick()
         record: dict[str, Any] = {
             "method": req.method,
             "path": req.path,
@@ -686,6 +594,7 @@ class FakeOrb:
             "backfill_id": None,
             "fault": None,
             "idempotency_header": req.headers.get("Idempotency-Key"),
+            "idempotent_replayed": False,
         }
         if req.path == "/v1/ping" and req.method in ("GET", "HEAD"):
             if record["authorization_ok"]:
@@ -693,9 +602,9 @@ class FakeOrb:
             else:
                 outcome = _Outcome(401, error_body(401, detail="Missing or invalid API key"))
         elif req.path == "/v1/ingest" and req.method == "POST":
-            outcome = self._ingest(req, record)
+            outcome = self._idempotent(req, record, self._ingest)
         else:
-            outcome = _Outcome(404, error_body(404, detail=f"No route for {req.method} {req.path}"))
+            outcome = self._idempotent(req, record, self._resource_request)
         record["status"] = outcome.status if outcome.action is None else None
         with self.lock:
             self.requests.append(record)
@@ -814,6 +723,13 @@ class FakeOrb:
             return self._reject([f"Content-Type must be application/json, got {ctype!r}"])
         if parsed.error is not None:
             return self._reject([parsed.error])
+        backfill = None
+        if "backfill_id" in query:
+            found = self._backfill_for_ingest(query["backfill_id"][-1])
+            if isinstance(found, _Outcome):
+                found.delay = True
+                return found
+            backfill = found
         events = parsed.events
         if events is not None and len(events) > self.max_events_per_request:
             return self._reject(
@@ -843,7 +759,7 @@ class FakeOrb:
                 )
             result = _Validation(valid_events=accepted)
         else:
-            result = self._validate(parsed.body)
+            result = self._validate(parsed.body, backfill)
         hit = [k for k in dict.fromkeys(record["keys"]) if k in fail_keys]
         if hit:
             record["fault"] = "bad_keys"
@@ -854,11 +770,11 @@ class FakeOrb:
             ]
         if result.failed:
             if self.store_valid_on_400 and not result.request_level:
-                self._store(result.valid_events)
+                self._store_into(backfill, result.valid_events)
             return _Outcome(
                 400, self._validation_body(result.key_errors, result.plain_errors), delay=True
             )
-        self._store(result.valid_events)
+        self._store_into(backfill, result.valid_events)
         return _Outcome(200, {"validation_failed": []}, delay=True)
 
     def _reject(self, plain: list[str]) -> _Outcome:
@@ -898,11 +814,17 @@ class FakeOrb:
                 if key in self.landed:
                     self.duplicates += 1
                 else:
-                    self.landed[key] = ev
+                    self._hold(ev, None)
+
+    def _store_into(self, backfill: dict[str, Any] | None, events: list[dict[str, Any]]) -> None:
+        if backfill is None:
+            self._store(events)
+        else:
+            self._store_backfill(backfill, events)
 
     # ------------------------------------------------------------------ validation
 
-    def _validate(self, body: Any) -> _Validation:
+    def _validate(self, body: Any, backfill: dict[str, Any] | None = None) -> _Validation:
         result = _Validation()
         events: list[Any] = []
         if isinstance(body, dict) and isinstance(body.get("events"), list):
@@ -934,8 +856,9 @@ class FakeOrb:
                 where = "/".join(str(p) for p in path)
                 add(None, f"{where}: {err.message}" if where else err.message)
 
-        now = self.clock()
-        oldest = now - timedelta(hours=self.grace_period_hours)
+        now = self.now()
+        # A backfill takes events older than the grace period (not future ones).
+        oldest = None if backfill else now - timedelta(hours=self.grace_period_hours)
         newest = now + timedelta(seconds=self.future_tolerance_seconds)
         bodies: dict[str, set[str]] = {}
         for i, ev in enumerate(events):
@@ -943,6 +866,11 @@ class FakeOrb:
                 continue
             for reason in self._prose_errors(ev, oldest, newest):
                 add(i, reason)
+            for reason in self._backfill_event_errors(backfill, ev) if backfill else ():
+                add(i, reason)
+            deprecated = self._deprecated_key_error(keys[i])
+            if deprecated:
+                add(i, deprecated)
             if keys[i] is not None:
                 bodies.setdefault(keys[i], set()).add(_canonical(ev))  # type: ignore[arg-type]
         for key, variants in bodies.items():
@@ -960,7 +888,9 @@ class FakeOrb:
         return result
 
     @staticmethod
-    def _prose_errors(ev: dict[str, Any], oldest: datetime, newest: datetime) -> Iterator[str]:
+    def _prose_errors(
+        ev: dict[str, Any], oldest: datetime | None, newest: datetime
+    ) -> Iterator[str]:
         customer_fields = ("customer_id", "external_customer_id")
         given = [f for f in customer_fields if ev.get(f) not in (None, "")]
         for f in customer_fields:
@@ -989,40 +919,6 @@ class FakeOrb:
             yield from _timestamp_errors(ts, oldest, newest)
 
 
-def _timestamp_errors(ts: str, oldest: datetime, newest: datetime) -> Iterator[str]:
-    m = _ORB_TS_RE.match(ts)
-    if not m:
-        if _OFFSET_RE.search(ts):
-            yield (
-                f"timestamp {ts!r} has a timezone offset; Orb wants UTC with a trailing 'Z' "
-                "(e.g. 2020-12-09T16:09:53Z)"
-            )
-        elif re.match(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?$", ts):
-            yield f"timestamp {ts!r} has no timezone designator; it must end in 'Z' (UTC)"
-        else:
-            yield f"timestamp {ts!r} is not of the form YYYY-MM-DDTHH:MM:SS[.ffffff]Z"
-        return
-    year, month, day, hour, minute, sec = (int(g) for g in m.groups()[:6])
-    frac = m.group(7) or ""
-    try:
-        when = datetime(
-            year, month, day, hour, minute, sec, int(frac[:6].ljust(6, "0")), tzinfo=timezone.utc
-        )
-    except ValueError as exc:
-        yield f"timestamp {ts!r} is not a valid date-time: {exc}"
-        return
-    if when < oldest:
-        yield (
-            f"timestamp {ts!r} is older than the grace period (earliest accepted "
-            f"{oldest.strftime('%Y-%m-%dT%H:%M:%SZ')}); use a backfill"
-        )
-    if when > newest:
-        yield (
-            f"timestamp {ts!r} is too far in the future (latest accepted "
-            f"{newest.strftime('%Y-%m-%dT%H:%M:%SZ')})"
-        )
-
-
 # --------------------------------------------------------------------------- control API
 
 
@@ -1032,6 +928,9 @@ def _control_response(status: int, body: Any) -> _Outcome:
 
 def _fake_control(fake: FakeOrb, req: _Request) -> _Outcome:
     route = (req.method, req.path.rstrip("/"))
+    resource = fake._resource_control(req)
+    if resource is not None:
+        return resource
     if route == ("GET", "/_fake/events"):
         return _control_response(200, fake.events())
     if route == ("GET", "/_fake/requests"):
@@ -1084,7 +983,36 @@ def _summary(fake: FakeOrb) -> str:
         f"events landed: {len(events)}",
         f"duplicates: {fake.duplicates}",
     ]
+    if fake.double_billed:
+        lines.append(
+            f"double billed (a key billed twice by a non-replacing backfill): {fake.double_billed}"
+        )
     lines.extend(_compact(ev) for ev in events)
+    backfills = fake.backfills()
+    if backfills:
+        lines.append(f"backfills: {len(backfills)}")
+        lines.extend(
+            f"  {bf['id']} {bf['status']} {bf['timeframe_start']}..{bf['timeframe_end']} "
+            f"events={bf['events_ingested']} replace={str(bf['replace_existing_events']).lower()} "
+            f"customer_id={bf['customer_id']} close_time={bf['close_time']}"
+            for bf in backfills
+        )
+    corrections = fake.corrections()
+    if corrections:
+        lines.append(f"corrected events: {len(corrections)}")
+        for c in corrections:
+            state = f"deprecated ({c['deprecated']})" if c["deprecated"] else "amended"
+            lines.append(
+                f"  {c['id']}: {state}, {len(c['versions']) - 1} amendment(s); "
+                f"current {_compact(c['versions'][-1])}"
+            )
+    customers = fake.customers()
+    if customers:
+        lines.append(f"customers: {len(customers)} ({len(fake.customer_updates())} update(s))")
+        lines.extend(
+            f"  {c['external_customer_id']} ({c['id']}) metadata {_compact(c['metadata'])}"
+            for c in customers
+        )
     return "\n".join(lines)
 
 
@@ -1197,6 +1125,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--events-out", metavar="FILE", help="write landed events as JSON lines")
     p.add_argument(
+        "--now",
+        metavar="ISO",
+        help="freeze the stand-in's clock at this RFC 3339 time (e.g. 2030-01-31T12:00:00Z); "
+        "move it later with POST /_fake/clock",
+    )
+    p.add_argument(
+        "--customer",
+        metavar="ID",
+        action="append",
+        default=[],
+        help="seed a customer with this external_customer_id (repeatable); the customer "
+        "endpoints, customer-scoped backfills, amend and deprecate need one",
+    )
+    p.add_argument(
+        "--amend-cap",
+        type=int,
+        default=100,
+        help="events amended or deprecated per customer per 100 days (Orb's default 100)",
+    )
+    p.add_argument(
         "--max-seconds",
         type=float,
         default=3600,
@@ -1227,7 +1175,12 @@ def main(argv: list[str] | None = None) -> int:
             future_tolerance_seconds=args.future_tolerance_seconds,
             latency_ms=args.latency_ms,
             accept_all=args.accept_all,
+            amend_cap=args.amend_cap,
         )
+        if args.now:
+            fake.set_now(parse_datetime(args.now))
+        for ext in args.customer:
+            fake.add_customer(ext)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     fake.start()

@@ -188,7 +188,7 @@ def test_authorization_value_is_never_recorded(orb: FakeOrb, http: requests.Sess
 
 def test_valid_event_lands_with_exactly_its_body(orb: FakeOrb, http: requests.Session) -> None:
     ev = event(properties={"n": 2**63 - 1, "m": -(2**63), "f": 1.5, "b": True, "s": ""})
-    resp = ingest(http, orb, [ev], params={"backfill_id": "bf_1"})
+    resp = ingest(http, orb, [ev])
     assert resp.status_code == 200
     assert resp.json() == {"validation_failed": []}
     assert orb.landed == {"k1": ev}
@@ -201,9 +201,10 @@ def test_valid_event_lands_with_exactly_its_body(orb: FakeOrb, http: requests.Se
         "event_count": 1,
         "keys": ["k1"],
         "authorization_ok": True,
-        "backfill_id": "bf_1",
+        "backfill_id": None,
         "fault": None,
         "idempotency_header": None,
+        "idempotent_replayed": False,
     }
 
 
@@ -342,8 +343,9 @@ def test_non_finite_numbers_rejected(orb: FakeOrb, http: requests.Session) -> No
 @pytest.mark.parametrize(
     "ts",
     [
-        "2030-01-01T11:00:00+00:00",
         "2030-01-01T11:00:00-05:00",
+        "2030-01-01T11:00:00+01:00",
+        "2030-01-01T11:00:00+0000",
         "2030-01-01T11:00:00",
         "2030-01-01T11:00:00z",
         "2030-01-01 11:00:00Z",
@@ -712,7 +714,13 @@ def test_reset_clears_everything(orb: FakeOrb, http: requests.Session) -> None:
     orb.set_bad_keys({"k1": "x"})
     orb.set_413_if_events_over(0)
     orb.reset()
-    assert orb.stats() == {"landed": 0, "requests": 0, "duplicates": 0, "key_send_counts": {}}
+    assert orb.stats() == {
+        "landed": 0,
+        "requests": 0,
+        "duplicates": 0,
+        "key_send_counts": {},
+        "double_billed": 0,
+    }
     assert orb.pending_faults == 0
     assert ingest(http, orb, [event()]).status_code == 200
 
@@ -750,6 +758,7 @@ def test_control_api(orb: FakeOrb, http: requests.Session) -> None:
             "requests": 4,
             "duplicates": 0,
             "key_send_counts": {"k1": 2, "poison": 1, "a": 1, "b": 1},
+            "double_billed": 0,
         }
 
         assert plain.post(f"{ctl}/script", json=[{"status": 200}]).status_code == 400
