@@ -385,3 +385,32 @@ def test_no_state_past_a_correction_orb_never_acknowledged(corr_orb, tmp_path):
     again = run(corr_orb, tmp_path, [row(1, tokens=9), row(2)], sub="r3")
     assert again.returncode == 0, again.stderr
     assert billed(corr_orb)["m1"]["tokens"] == 9
+
+
+def test_deleted_marker_survives_the_sdks_metadata_stripping_with_stream_maps(corr_orb, tmp_path):
+    # A stream map takes the SDK's own record path, which strips `_sdc_*` columns unless
+    # `add_record_metadata` is on; the delete marker must survive it.
+    maps = {"stream_maps": {"tracks": {"mapped": "True"}}}
+    run(corr_orb, tmp_path, [row(1)], sub="r1", **maps)
+    result = run(corr_orb, tmp_path, [row(1, _sdc_deleted_at="2026-01-01T00:00:00Z")],
+                 sub="r2", deprecate_deleted_events=True, **maps)
+    assert result.returncode == 0, result.stderr
+    assert corrections(result.stderr)["deprecated"] == 1
+    assert billed(corr_orb) == {}
+
+
+@pytest.mark.parametrize(
+    ("ledger_url", "expected"),
+    [
+        ("mysql://u@127.0.0.1/db", "SQLite"),
+        ("postgresql://u:pw-SECRET@127.0.0.1:9/db?connect_timeout=2", "Cannot open"),
+    ],
+)
+def test_unusable_ledger_fails_at_start_before_anything_is_sent(
+    corr_orb, tmp_path, ledger_url, expected,
+):
+    result = run(corr_orb, tmp_path, [row(1)], sub="r1", ledger_url=ledger_url)
+    assert result.returncode == 1
+    assert "ledger_url" in result.stderr and expected in result.stderr
+    assert "pw-SECRET" not in result.stderr and "Traceback" not in result.stderr
+    assert corr_orb.requests == [] and result.stdout == ""
