@@ -126,6 +126,7 @@ class Ledger:
         self._clock = clock or (lambda: datetime.datetime.now(_UTC))
         self._engine: sa.Engine | None = None
         self._dialect = ""
+        self.created = False  # `open` made a new, empty ledger
         # SQLite has one writer at a time; serialising here avoids "database is locked".
         self._lock: threading.Lock | None = None
 
@@ -158,6 +159,7 @@ class Ledger:
             else:
                 kwargs["pool_pre_ping"] = True
             engine = sa.create_engine(url, **kwargs)
+            self.created = not sa.inspect(engine).has_table(TABLE_NAME)
             metadata.create_all(engine, checkfirst=True)
         except OrbFatalError:
             raise

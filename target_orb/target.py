@@ -166,6 +166,13 @@ class _Runtime:
             self.logger.info(
                 "load_method upsert: corrections ledger at %s.", ledger_describe(self.ledger.url)
             )
+            if self.ledger.created:
+                self.logger.warning(
+                    "The corrections ledger is new (%s): keys it does not know are looked up "
+                    "in Orb, whose search cannot see events that were already amended. If "
+                    "events of this Orb account were amended through another ledger, point "
+                    "`ledger_url` at that ledger.", ledger_describe(self.ledger.url),
+                )
         if self.client is not None:
             self.client.ping()
         else:

@@ -188,3 +188,8 @@ def test_password_never_in_the_message():
         Ledger("postgresql://user:s3cret-pw@127.0.0.1:1/db?connect_timeout=1").open()
     assert "s3cret-pw" not in str(info.value)
     assert "ledger_url" in str(info.value)
+
+
+def test_open_says_whether_it_created_the_ledger(make_ledger):
+    assert make_ledger().created is True
+    assert make_ledger().created is False
