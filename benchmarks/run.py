@@ -46,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from backfill_case import report_backfill, scenario_backfill  # noqa: E402
 from generate import generate  # noqa: E402
 
 PY = sys.executable
@@ -704,7 +705,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--s2-concurrency", default="4,8,16",
                    help="max_concurrent_requests values tried in S2")
     p.add_argument("--latency-ms", type=float, default=50.0, help="S2 stand-in latency")
-    p.add_argument("--only", default="s1,s2,s3", help="scenarios to run, e.g. s1,s2")
+    p.add_argument("--only", default="s1,s2,s3,bf", help="scenarios to run, e.g. s1,s2")
+    p.add_argument("--bf-records", type=int, default=None,
+                   help="BF: late events through backfills (default 100,000)")
     p.add_argument("--skip-rss-1m", action="store_true", help="S3 only at its smallest size")
     p.add_argument("--profile", action="store_true",
                    help="also cProfile target-orb on a 50k run and add the top functions")
@@ -717,10 +720,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.s2_records = args.s2_records or 5_000
         args.rss_records = args.rss_records or "10000,50000"
         args.rounds = args.rounds or 1
+        args.bf_records = args.bf_records or 10_000
     args.records = args.records or 200_000
     args.s2_records = args.s2_records or max(args.records // 4, 1)
     args.rss_records = args.rss_records or "100000,1000000"
     args.rounds = args.rounds or 3
+    args.bf_records = args.bf_records or 100_000
     return args
 
 
@@ -732,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     log(f"work directory {workdir}")
     started = time.perf_counter()
-    s1 = s2 = s3 = None
+    s1 = s2 = s3 = bf = None
     prof = None
     bench = Bench(args, workdir)
     try:
@@ -751,11 +756,16 @@ def main(argv: list[str] | None = None) -> int:
             s3 = scenario_s3(bench, sizes, args.rss_rounds, args.concurrency)
         if args.profile:
             prof = profile(bench, min(50_000, args.records), args.concurrency)
+        if "bf" in only:
+            bf = scenario_backfill(bench, run_child=run_child, target_cmd=TARGET_ORB,
+                                   n=args.bf_records, rounds=args.rounds,
+                                   concurrency=args.concurrency, log=log)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     text = report(args, env, s1=s1, s2=s2, s3=s3, prof=prof,
                   elapsed=time.perf_counter() - started)
+    text += "\n".join(report_backfill(bf)) + ("\n" if bf else "")
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

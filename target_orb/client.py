@@ -90,20 +90,27 @@ class OrbClient:
             raise TransportError("connection error", type(exc).__name__) from None
         return Response(status=raw.status_code, headers=dict(raw.headers), body=_decode(raw))
 
-    def post_ingest(self, body: bytes, count: int, backfill_id: str | None = None) -> Response:
+    def post_ingest(
+        self,
+        body: bytes,
+        count: int,
+        backfill_id: str | None = None,
+        headers: t.Mapping[str, str] | None = None,
+    ) -> Response:
         """POST one ingest request.
 
         Args:
             body: The encoded `{"events": [...]}`.
             count: Number of events (for debug logs).
             backfill_id: Ingest into this backfill (`?backfill_id=`) instead of live.
+            headers: Extra headers (e.g. a request-level `Idempotency-Key`).
 
         Returns:
             The response.
         """
         LOGGER.debug("POST %s (%d events, %d bytes)", self.ingest_url, count, len(body))
         params = {"backfill_id": backfill_id} if backfill_id is not None else None
-        return self._request("POST", self.ingest_url, body, params=params)
+        return self._request("POST", self.ingest_url, body, params=params, headers=headers)
 
     def url(self, path: str) -> str:
         """`{api_url}{path}`; `path` starts with `/` and has its variable parts URL-encoded.

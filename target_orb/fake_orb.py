@@ -1,36 +1,65 @@
-"""A strict, local stand-in for Orb's event-ingestion API (``POST /v1/ingest``).
+"""A strict, local stand-in for Orb's API: ingest, search, backfills, customers,
+amend and deprecate.
 
-It is meant for tests, benchmarks and manual runs of ``target-orb`` without a
-real Orb account. It validates requests *independently* of the target: it
-imports only the standard library and ``jsonschema`` and never any other
-``target_orb`` module, so a bug in the target's own payload code cannot hide
-behind a shared helper.
+It is meant for tests, benchmarks and manual runs of ``target-orb`` (or of any Orb
+client, Orb's own ``orb-billing`` included) without a real Orb account. It validates
+requests *independently* of the target: it imports only the standard library,
+``jsonschema`` and its own modules (``fake_orb_common``, ``fake_orb_resources``), never
+another ``target_orb`` module, so a bug in the target's own payload code cannot hide
+behind a shared helper. It refuses what Orb does not document.
 
-What it checks on ``POST /v1/ingest`` (in this order):
+What it serves (every route but ping needs ``Authorization: Bearer <api_key>``):
 
-1. ``Authorization: Bearer <api_key>`` (401 ``401-authentication-error``).
-2. A scripted fault, if one is queued (see :meth:`FakeOrb.script`).
-3. Body size against ``max_body_bytes`` (413 ``413-request-too-large``).
-4. Query parameters (only ``backfill_id`` is allowed), ``Content-Type``
-   (``application/json``), and JSON syntax (400).
-5. At most ``max_events_per_request`` events (400, whole request).
-6. The persistent ``set_413_if_events_over`` rule (413).
-7. Unless ``accept_all``: the vendored ``IngestRequestBody`` schema (Draft
-   2020-12, ``date-time`` format checked), then the rules Orb's spec states only
-   in prose: exactly one non-empty customer field, flat ``properties`` (string,
-   boolean, int64, finite float), a UTC timestamp with a trailing ``Z`` inside
-   ``[now - grace period, now + future tolerance]``, non-empty
-   ``idempotency_key`` and ``event_name``, and no two events in one request
-   sharing a key with different bodies (the whole request is rejected).
-8. The persistent ``set_bad_keys`` rule (400 naming those keys).
+- ``GET /v1/ping``.
+- ``POST /v1/ingest[?backfill_id=]``, checked in this order:
 
-Accepted events are stored per idempotency key; the first body ever stored
-for a key wins and later sends of that key are counted as duplicates.
+  1. ``Authorization`` (401 ``401-authentication-error``).
+  2. A scripted fault, if one is queued (see :meth:`FakeOrb.script`).
+  3. Body size against ``max_body_bytes`` (413 ``413-request-too-large``).
+  4. Query parameters (only ``backfill_id`` is allowed), ``Content-Type``
+     (``application/json``), and JSON syntax (400).
+  5. ``backfill_id``: unknown 404 ``resource-not-found``, not pending 400.
+  6. At most ``max_events_per_request`` events (400, whole request).
+  7. The persistent ``set_413_if_events_over`` rule (413).
+  8. Unless ``accept_all``: the vendored ``IngestRequestBody`` schema (Draft
+     2020-12, ``date-time`` format checked), then the rules Orb's spec states only
+     in prose: exactly one non-empty customer field, flat ``properties`` (string,
+     boolean, int64, finite float), a UTC timestamp (trailing ``Z`` or ``+00:00``;
+     other offsets refused) inside ``[now - grace period, now + future tolerance]``
+     (a backfill drops the grace rule but must hold the event's timestamp in its
+     timeframe and its customer in its scope), non-empty ``idempotency_key`` and
+     ``event_name``, a key that was never deprecated, and no two events in one
+     request sharing a key with different bodies (the whole request is rejected).
+  9. The persistent ``set_bad_keys`` rule (400 naming those keys).
+
+  Accepted live events are stored per idempotency key; the first body ever stored
+  for a key wins and later sends of that key are counted as duplicates.
+- ``POST /v1/events/search`` (``EventSearchCriteria``): 1-500 case-sensitive ids,
+  timeframe default the last 7 days, end exclusive; never finds amended events.
+- ``POST``/``GET /v1/events/backfills``, ``GET …/{id}``, ``POST …/{id}/close``,
+  ``POST …/{id}/revert``: at most 31 days, no overlap with a pending backfill,
+  ``replace_existing_events`` default true, ``close_time`` default creation + 1 day;
+  events invisible until closed (reflection happens by the next request) or until the
+  clock passes ``close_time``; a non-replacing backfill re-adding a key Orb already
+  holds bills it twice (``stats()["double_billed"]``).
+- ``GET``/``PUT /v1/customers/external_customer_id/{id}`` for seeded customers
+  (``EditCustomer``; metadata ``"key": null`` deletes, ``"metadata": null`` clears).
+- ``PUT /v1/events/{id}`` (amend, ``AmendedEvent``) and ``PUT /v1/events/{id}/deprecate``:
+  same timestamp and customer, an existing customer, an open billing period (the
+  calendar month, or ``set_billing_period``; the previous one during the grace
+  period), at most ``amend_cap`` events per customer per 100 days.
+- ``Idempotency-Key`` on every POST/PUT: a replay within 48 h gets the stored answer
+  with ``Idempotent-Replayed: true``; another request under the same key gets a 409.
+
+Every time rule reads the stand-in's clock: :meth:`FakeOrb.set_now`,
+:meth:`FakeOrb.advance`, ``POST /_fake/clock`` or ``--now``. The control API under
+``/_fake/`` (no key) reads back events, requests, stats, customers, customer updates,
+backfills and corrections, and sets faults, the clock and billing periods.
 
 Run it from a shell with ``python -m target_orb.fake_orb --help`` (or the
 ``fake-orb`` console script); ``fake-orb -- COMMAND ...`` runs COMMAND against a
 fresh stand-in with ``TARGET_ORB_API_URL`` / ``TARGET_ORB_API_KEY`` set and
-prints what landed.
+prints what landed, the backfills, the corrected events and the customers.
 """
 
 from __future__ import annotations
@@ -528,7 +557,9 @@ class FakeOrb(OrbResources):
             }
 
     def reset(self) -> None:
-        """Forget everything: landed events, requests, counters, script and rules."""
+        """Forget what was received: events, backfills, corrections, customer updates,
+        idempotency keys, requests, counters, script and rules. The set-up stays: seeded
+        customers (back to their seeded metadata), billing periods and the clock."""
         with self.lock:
             self.landed.clear()
             self.requests.clear()
@@ -1084,7 +1115,8 @@ def _run_command(fake: FakeOrb, cmd: list[str], max_seconds: float) -> int:
 def _serve(fake: FakeOrb, max_seconds: float) -> int:
     print(fake.url, flush=True)
     print(
-        f"fake-orb: serving Orb's /v1/ingest and /v1/ping at {fake.url} "
+        f"fake-orb: serving Orb's ping, ingest, events/search, events/backfills, "
+        f"customers and event amend/deprecate at {fake.url} "
         f"(api key {fake.api_key!r}); control API at {fake.root_url}/_fake/; "
         "Ctrl-C to stop",
         file=sys.stderr,
@@ -1106,8 +1138,15 @@ def _serve(fake: FakeOrb, max_seconds: float) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fake-orb",
-        description="A strict local stand-in for Orb's POST /v1/ingest. Without COMMAND it "
-        "serves until Ctrl-C/SIGTERM; with `-- COMMAND ...` it runs COMMAND with "
+        description="A strict local stand-in for Orb's API: GET /v1/ping, POST /v1/ingest "
+        "(with ?backfill_id=), POST /v1/events/search, /v1/events/backfills "
+        "(create/list/fetch/close/revert), GET/PUT /v1/customers/external_customer_id/ID, "
+        "PUT /v1/events/ID (amend) and PUT /v1/events/ID/deprecate, each validated against "
+        "Orb's spec; a request-level Idempotency-Key replays for 48 h. Control API (no key) "
+        "under /_fake/: events, requests, stats, reset, script, bad_keys, "
+        "413_if_events_over, clock, customers, customer_updates, billing_period, backfills, "
+        "corrections. Without COMMAND it serves until Ctrl-C/SIGTERM; "
+        "with `-- COMMAND ...` it runs COMMAND with "
         "TARGET_ORB_API_URL and TARGET_ORB_API_KEY pointing at itself and exits with "
         "COMMAND's exit code.",
         usage="%(prog)s [options] [-- COMMAND ...]",

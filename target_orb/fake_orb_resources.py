@@ -324,7 +324,8 @@ class OrbResources:
             return [self._customer_view(c) for c in self._customers.values()]
 
     def customer_updates(self) -> list[dict[str, Any]]:
-        """Every customer PUT received: ``{external_customer_id, body, status}``."""
+        """Every customer PUT with a JSON body: ``{external_customer_id, body, status}``
+        (the answer's status: 200, 400 or 404)."""
         with self.lock:
             return [dict(u) for u in self._customer_updates]
 
@@ -813,11 +814,11 @@ class OrbResources:
         now = self.now()
         start = start or now - SEARCH_DEFAULT_LOOKBACK
         end = end or now
-        wanted = set(event_ids)
         out = []
         with self.lock:
-            for rec in self._records:
-                if rec.key not in wanted or rec.versions:
+            recs = [r for k in set(event_ids) for r in self._by_key.get(k, ())]
+            for rec in sorted(recs, key=lambda r: r.seq):
+                if rec.versions:
                     continue
                 ev = rec.original
                 when = parse_event_timestamp(ev["timestamp"])
@@ -932,12 +933,12 @@ class OrbResources:
                 )
             return _Outcome(200, cust)
         body, refusal = self._json_body(req)
+        if refusal is not None:
+            return refusal  # not JSON: not an update anyone could read back
         with self.lock:
-            self._customer_updates.append(
-                {"external_customer_id": ext, "body": body, "status": None}
-            )
-            update = self._customer_updates[-1]
-        outcome = refusal or self._edit_customer(ext, body)
+            update = {"external_customer_id": ext, "body": body, "status": None}
+            self._customer_updates.append(update)
+        outcome = self._edit_customer(ext, body)
         update["status"] = outcome.status
         return outcome
 

@@ -46,13 +46,16 @@ class Invalid:
 
 @dataclass(slots=True)
 class Mapped:
-    """A valid Orb event; `key_derived` when the key is a content hash (source had none).
+    """A valid Orb event; `key_derived` when the key is a content hash (source had none);
+    `late` when, under `late_event_policy: backfill`, it must go through an Orb backfill
+    instead of live `/ingest` (see `BACKFILL_SAFETY_MARGIN`).
 
     Not frozen: frozen dataclasses cost about a microsecond per instance on this hot path.
     """
 
     event: OrbEvent
     key_derived: bool = False
+    late: bool = False
 
 
 MapResult = Mapped | Skip | Invalid
@@ -398,21 +401,47 @@ def _idempotency_key(value: t.Any) -> str | None:
     return key
 
 
+# Under `late_event_policy: backfill`, an event goes to a backfill once it is older than
+# now - grace + this margin, not only once it is past the grace period: an event near the
+# boundary can age past it while its live request waits in the queue or is retried (the
+# default `max_retry_seconds` is 10 min), and the host clock may run behind Orb's. 30 min
+# covers both; an event Orb still rejects as too old is routed to a backfill anyway
+# (target_orb/backfill.py). Loading an event through a backfill is never wrong, only slower
+# to show up in Orb (at the backfill's close).
+BACKFILL_SAFETY_MARGIN = datetime.timedelta(minutes=30)
+
 _WINDOW_CACHE: list[t.Any] = [None, None, None]
+
+
+def backfill_threshold(now: datetime.datetime, grace_period_hours: float) -> datetime.datetime:
+    """Events older than this go through a backfill under `late_event_policy: backfill`.
+
+    Args:
+        now: The current time (aware UTC).
+        grace_period_hours: The account's grace period.
+
+    Returns:
+        now - grace + `BACKFILL_SAFETY_MARGIN`, never later than `now`.
+    """
+    return min(
+        now, now - datetime.timedelta(hours=grace_period_hours) + BACKFILL_SAFETY_MARGIN
+    )
 
 
 def _window(
     now: datetime.datetime, spec: MappingSpec
 ) -> tuple[datetime.datetime, datetime.datetime]:
-    """Oldest and newest acceptable event times; cached while `now` and `spec` are unchanged
-    (callers pass the same `now` object for many records)."""
+    """Oldest and newest acceptable event times (the oldest is the backfill threshold under
+    `late_event_policy: backfill`); cached while `now` and `spec` are unchanged (callers
+    pass the same `now` object for many records)."""
     cache = _WINDOW_CACHE
     if cache[0] is now and cache[1] is spec:
         return cache[2]
-    bounds = (
-        now - datetime.timedelta(hours=spec.grace_period_hours),
-        now + datetime.timedelta(seconds=spec.future_tolerance_seconds),
-    )
+    if spec.late_event_policy == "backfill":
+        oldest = backfill_threshold(now, spec.grace_period_hours)
+    else:
+        oldest = now - datetime.timedelta(hours=spec.grace_period_hours)
+    bounds = (oldest, now + datetime.timedelta(seconds=spec.future_tolerance_seconds))
     cache[0], cache[1], cache[2] = now, spec, bounds
     return bounds
 
@@ -514,6 +543,8 @@ def _map_valid(
         "timestamp": timestamp,
         "properties": properties,
     }
+    if window == "late" and spec.late_event_policy == "backfill":
+        return Mapped(event, key_derived=derived, late=True)
     return Mapped(event, key_derived=derived)
 
 

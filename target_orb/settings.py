@@ -282,7 +282,9 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "Late event policy",
         "Events older than `grace_period_hours`: `reject` (dead-letter locally), `send` "
         "(send anyway; Orb rejects them unless your account's grace period is longer), or "
-        "`backfill` (not available in this version).",
+        "`backfill` (load them through Orb backfills: non-replacing, at most 31 days each, "
+        "closed before the run ends; keys Orb already holds are left out). See README "
+        "\"Loading history\".",
         default="reject",
         allowed_values=list(LATE_POLICIES),
     ),
@@ -505,12 +507,6 @@ def config_problems(config: t.Mapping[str, t.Any]) -> list[str]:
         value = config.get(name)
         if value is not None and value not in allowed:
             problems.append(f"`{name}` is {value!r}; use one of {', '.join(allowed)}.")
-    if config.get("late_event_policy") == "backfill":
-        problems.append(
-            "`late_event_policy: backfill` is not available in this version of target-orb; "
-            "use `reject` (dead-letter late events) or `send`, and load old events through an "
-            "Orb backfill separately.",
-        )
     if load_method(config) == "overwrite":
         problems.append(
             "`load_method: overwrite` is not supported: in Orb it would mean a replacing "

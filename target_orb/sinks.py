@@ -143,7 +143,10 @@ class OrbSink(BatchSink):
         if type(result) is Mapped:
             if result.key_derived:
                 runtime.note_derived_key(self.stream_name)
-            context.setdefault("events", []).append(result.event)
+            events = context.setdefault("events", [])
+            if result.late:  # late_event_policy: backfill
+                context.setdefault("late", set()).add(len(events))
+            events.append(result.event)
             context.setdefault("records", []).append(record)
         elif type(result) is Skip:
             runtime.stats.skipped[result.reason] += 1
@@ -159,7 +162,9 @@ class OrbSink(BatchSink):
         """Dead-letter local rejects (fsynced), then queue the request for Orb.
 
         STATE is held by the pipeline until the request is settled, so returning before
-        Orb answered never moves a bookmark past undelivered events.
+        Orb answered never moves a bookmark past undelivered events. Under
+        `late_event_policy: backfill`, late events go to the backfill manager (never into a
+        live request) and live ones to ingest, each as a job behind the same STATE gate.
         """
         runtime = self._runtime
         if runtime.corrections is not None:  # load_method: upsert
@@ -168,6 +173,7 @@ class OrbSink(BatchSink):
         events: list[dict] = context.get("events", [])
         records: list[t.Any] = context.get("records", [])
         invalid = context.get("invalid", [])
+        kept: t.Sequence[int] = range(len(events))  # original index of each event sent
         if events:
             keep, collapsed, conflicts = dedupe_request(events)
             if collapsed or conflicts:
@@ -179,5 +185,54 @@ class OrbSink(BatchSink):
                     )
                 events = [events[i] for i in keep]
                 records = [records[i] for i in keep]
+                kept = keep
         runtime.pipeline.reject_local(self.stream_name, invalid)
-        runtime.pipeline.submit(self.stream_name, events, records)
+        if runtime.backfills is None:
+            runtime.pipeline.submit(self.stream_name, events, records)
+            return
+        # late_event_policy: backfill. Duplicates were collapsed over live and late events
+        # together, so one key never goes both live and into a backfill from one batch.
+        late_marks: set[int] = context.get("late") or set()
+        live_events, live_records, late_events, late_records = [], [], [], []
+        for position, index in enumerate(kept):
+            if index in late_marks:
+                late_events.append(events[position])
+                late_records.append(records[position])
+            else:
+                live_events.append(events[position])
+                live_records.append(records[position])
+        self._submit_backfill_policy(live_events, live_records, late_events, late_records)
+
+    def _submit_backfill_policy(
+        self,
+        events: list[dict],
+        records: list[t.Any],
+        late_events: list[dict],
+        late_records: list[t.Any],
+    ) -> None:
+        runtime = self._runtime
+        backfills = runtime.backfills
+        assert backfills is not None
+        pipeline = runtime.pipeline
+        stream = self.stream_name
+        if late_events:
+            runtime.stats.late_events += len(late_events)
+            if backfills.dry_run:
+                backfills.plan(late_events)
+                self.logger.info(
+                    "DRY RUN: %d late events would be loaded through backfills (see the plan "
+                    "at the end); nothing is sent.", len(late_events),
+                )
+            else:
+                pipeline.submit_job(
+                    stream, backfills.load_job(stream, late_events, late_records),
+                    len(late_events),
+                )
+        if not events:
+            return
+        if backfills.dry_run:
+            pipeline.submit(stream, events, records)
+            return
+        with runtime.stats.lock:
+            runtime.stats.events_sent += len(events)
+        pipeline.submit_job(stream, backfills.live_job(stream, events, records), len(events))

@@ -33,6 +33,14 @@ class RunStats:
         self.retries = 0
         self.requests = 0
         self.pending = 0
+        # late_event_policy: backfill (target_orb/backfill.py)
+        self.late_events = 0  # late events read (mapped, routed to backfills)
+        self.late_rerouted = 0  # live events Orb rejected as too old, routed to backfills
+        self.already_in_orb = 0  # late events whose key Orb already held (not sent)
+        self.events_backfilled = 0  # events Orb acknowledged into a backfill
+        self.backfills_created = 0
+        self.backfills: list[dict[str, t.Any]] = []  # every backfill the run created
+        self.backfill_plan: list[dict[str, t.Any]] = []  # dry run: windows and counts
 
     def add_retry(self) -> None:
         """Count one retry (called from delivery threads)."""
@@ -71,7 +79,21 @@ class RunStats:
             "requests": self.requests,
             "retries": self.retries,
             "seconds": round(self._clock() - self.started, 3),
+        } | self._backfill_dict()
+
+    def _backfill_dict(self) -> dict[str, t.Any]:
+        if not (self.late_events or self.late_rerouted or self.backfills or self.backfill_plan):
+            return {}
+        out: dict[str, t.Any] = {
+            "late_events": self.late_events,
+            "late_rerouted": self.late_rerouted,
+            "already_in_orb": self.already_in_orb,
+            "events_backfilled": self.events_backfilled,
+            "backfills": list(self.backfills),
         }
+        if self.backfill_plan:
+            out["backfill_plan"] = list(self.backfill_plan)
+        return out
 
     def summary(self, *, dead_letter_path: str | None, dry_run: bool, failed: bool) -> str:
         """The end-of-run block for stderr.
@@ -106,6 +128,23 @@ class RunStats:
             f"  rejected by Orb:       {self.rejected_by_orb}",
             f"  requests / retries:    {self.requests} / {self.retries}",
         ]
+        if self.late_events or self.late_rerouted or self.backfills:
+            lines.append(
+                f"  late events:           {self.late_events} (+{self.late_rerouted} Orb "
+                "rejected as too old) -> backfills",
+            )
+            lines.append(f"  already in Orb:        {self.already_in_orb} (not sent again)")
+            lines.append(f"  events backfilled:     {self.events_backfilled}")
+            for row in self.backfills:
+                lines.append(
+                    f"  backfill {row['id']}: {row['timeframe_start']}..{row['timeframe_end']}"
+                    f", {row['events']} events, {row['status']}",
+                )
+        for row in self.backfill_plan:
+            lines.append(
+                f"  backfill plan: {row['timeframe_start']}..{row['timeframe_end']}, "
+                f"{row['events']} events",
+            )
         if self.keys_derived:
             lines.append(f"  keys derived (no key): {self.keys_derived}")
         if self.dead_lettered and dead_letter_path:

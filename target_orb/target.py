@@ -23,6 +23,7 @@ from singer_sdk.plugin_base import _ConfigInput
 from typing_extensions import override
 
 from target_orb import jsonutil
+from target_orb.backfill import BackfillManager, OwnershipRecord, record_path_for
 from target_orb.client import OrbClient
 from target_orb.deadletter import DeadLetterWriter
 from target_orb.delivery import Deliverer
@@ -36,6 +37,7 @@ from target_orb.errors import (
 from target_orb.ledger import Ledger
 from target_orb.ledger import default_url as ledger_default_url
 from target_orb.ledger import describe as ledger_describe
+from target_orb.mapping import backfill_threshold
 from target_orb.pipeline import Pipeline
 from target_orb.ratelimit import RateLimiter
 from target_orb.reader import OrbMessageReader
@@ -94,6 +96,7 @@ class _Runtime:
         self._derived_warned = False
         deliverer = None
         s = self.settings
+        self.ingest_limiter: RateLimiter | None = None
         # Orb budgets each kind of call separately (reference/orb-api.md §2.8): ingest, other
         # writes (backfill create/close, customer updates, amend/deprecate) and reads (search).
         self.write_limiter = RateLimiter()
@@ -103,7 +106,7 @@ class _Runtime:
                 s.api_url, config["api_key"], timeout=s.request_timeout,
                 pool_size=s.max_concurrent_requests,
             )
-            limiter = RateLimiter(
+            limiter = self.ingest_limiter = RateLimiter(
                 requests_per_second=s.max_requests_per_second,
                 events_per_minute=s.max_events_per_minute,
             )
@@ -130,6 +133,20 @@ class _Runtime:
             interrupt_main_on_failure=target.is_cli_run,
             progress_interval=s.progress_interval_seconds,
         )
+        self.backfills: BackfillManager | None = None
+        if self.spec.late_event_policy == "backfill":
+            self.backfills = BackfillManager(
+                client=self.client,
+                deliverer=deliverer,
+                make_ingest_deliverer=self._backfill_ingest_deliverer if self.client else None,
+                stats=self.stats,
+                record=OwnershipRecord(record_path_for(s.dead_letter_path), s.api_url),
+                write_limiter=self.write_limiter,
+                read_limiter=self.read_limiter,
+                grace_period_hours=self.spec.grace_period_hours,
+                max_retry_seconds=s.max_retry_seconds,
+                aborted=lambda: self.pipeline.sleep(0),
+            )
         # `load_method: upsert` (README "Corrections"); None keeps append-only untouched.
         self.corrections: Upserter | None = None
         self.ledger: Ledger | None = None
@@ -147,7 +164,51 @@ class _Runtime:
                 aborted=lambda: self.pipeline.error is not None,
                 note_derived_key=self.note_derived_key,
                 run_stats=self.stats,
+                late_threshold=(
+                    (lambda now: backfill_threshold(now, self.spec.grace_period_hours))
+                    if self.spec.late_event_policy == "backfill" else None
+                ),
+                backfill_load=(
+                    (lambda stream, events, records: backfills.load_job(stream, events, records)())
+                    if (backfills := self.backfills) is not None else None
+                ),
             )
+
+    def _backfill_ingest_deliverer(self, send: t.Callable[[bytes, int], t.Any]) -> Deliverer:
+        """Ingest into one backfill: ingest's retry rules, budget and rate limits."""
+        assert self.client is not None
+        return Deliverer(
+            send,
+            url=f"{self.client.ingest_url}?backfill_id=…",
+            max_retry_seconds=self.settings.max_retry_seconds,
+            sleep=lambda seconds: self.pipeline.sleep(seconds),  # noqa: PLW0108
+            limiter=self.ingest_limiter,
+            on_retry=self.stats.add_retry,
+        )
+
+    def finish_backfills(self, *, failed: bool, budget: float = 60.0) -> None:
+        """Close every backfill this run created; on every exit path, once (never raises).
+
+        On failure the delivery threads are stopped first, so nothing is sent into a
+        backfill while it is being closed.
+
+        Args:
+            failed: The run failed or was stopped.
+            budget: Seconds of retries for each close call.
+        """
+        if self.backfills is None:
+            return
+        if failed:
+            self.pipeline.close(timeout=1.0)
+        closer = None
+        if self.client is not None:
+            closer = Deliverer(
+                self.client.post_ingest,
+                url=self.client.ingest_url,
+                max_retry_seconds=min(float(self.settings.max_retry_seconds), budget),
+                on_retry=self.stats.add_retry,
+            )
+        self.backfills.finish(failed=failed, closer=closer)
 
     def ensure_started(self) -> None:
         """Check the dead-letter path, then ping Orb once (never in dry-run mode).
@@ -173,6 +234,8 @@ class _Runtime:
                     "events of this Orb account were amended through another ledger, point "
                     "`ledger_url` at that ledger.", ledger_describe(self.ledger.url),
                 )
+        if self.backfills is not None:
+            self.backfills.start()
         if self.client is not None:
             self.client.ping()
         else:
@@ -344,6 +407,8 @@ class TargetOrb(Target):
     def process_endofpipe(self) -> None:
         super().process_endofpipe()
         self.runtime.pipeline.wait_all()
+        # Every late event is in its backfill (or dead-lettered): close them now.
+        self.runtime.finish_backfills(failed=False)
         self.runtime.pipeline.close()
         self.runtime.finish()
 
@@ -406,6 +471,7 @@ class TargetOrb(Target):
         finally:
             cls._ignore_signals()
             if target is not None:
+                target.runtime.finish_backfills(failed=failed)
                 target.runtime.summary(failed=failed)
                 target.runtime.shutdown()
 
@@ -429,6 +495,7 @@ class TargetOrb(Target):
                 pending,
             )
         if target is not None:
+            target.runtime.finish_backfills(failed=True)
             target.runtime.summary(failed=True)
             target.runtime.shutdown(timeout=1.0)
         logging.shutdown()
@@ -445,6 +512,7 @@ class TargetOrb(Target):
             signum, pending,
         )
         if target is not None:
+            target.runtime.finish_backfills(failed=True, budget=15.0)
             target.runtime.summary(failed=True)
             target.runtime.shutdown(timeout=1.0)
         logging.shutdown()

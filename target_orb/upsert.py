@@ -55,6 +55,10 @@ _UTC = datetime.timezone.utc
 _ONE_SECOND = datetime.timedelta(seconds=1)
 
 
+BackfillLoad = t.Callable[[str, list[dict[str, t.Any]], list[t.Any]], JobResult]
+"""(stream, late events, their records) → what the backfill load settled."""
+
+
 class OrbPort(t.Protocol):
     """The Orb calls corrections make, each already retried (`Deliverer` rules)."""
 
@@ -204,6 +208,7 @@ class Upserter:
         late_threshold: t.Callable[[datetime.datetime], datetime.datetime] | None = None,
         note_derived_key: t.Callable[[str], None] | None = None,
         run_stats: t.Any = None,
+        backfill_load: BackfillLoad | None = None,
     ) -> None:
         """Wire the corrections path.
 
@@ -217,6 +222,8 @@ class Upserter:
             late_threshold: now → the time before which a new key is late.
             note_derived_key: Called when a record had no key (warning once).
             run_stats: The run's RunStats (`events_sent`), when there is one.
+            backfill_load: Loads late new events through Orb backfills
+                (`late_event_policy: backfill`; the backfill manager's job, run inline).
         """
         self.spec = spec
         # Map every record whatever its age: under upsert only new keys are late.
@@ -231,6 +238,7 @@ class Upserter:
         )
         self.note_derived_key = note_derived_key
         self.run_stats = run_stats
+        self.backfill_load = backfill_load
         self.stats = CorrectionStats()
         self.order = KeyOrder()
         self._threshold_cache: tuple[datetime.datetime | None, datetime.datetime] = (
@@ -379,6 +387,7 @@ class _BatchRun:
         self.known = known
         self._search_unknown()
         ingest: list[Item] = []
+        backfill: list[Item] = []
         amend: list[tuple[Item, Action]] = []
         deprecate: list[Item] = []
         for item in items:
@@ -391,6 +400,11 @@ class _BatchRun:
             elif action is Action.DEPRECATED_IN_ORB:
                 self._refuse_local(item, "deprecated_in_orb", decision.reason)
             elif action is Action.INGEST:
+                if item.late and self.o.spec.late_event_policy == "backfill" and (
+                    self.o.backfill_load is not None
+                ):
+                    backfill.append(item)  # a late new key: through an Orb backfill
+                    continue
                 if item.late and not self._late_allowed(item):
                     continue
                 ingest.append(item)
@@ -399,11 +413,12 @@ class _BatchRun:
             else:
                 amend.append((item, action))
         self._mark_pending(
-            [(i, "ingest") for i in ingest]
+            [(i, "ingest") for i in [*ingest, *backfill]]
             + [(i, "amend") for i, _ in amend]
             + [(i, "deprecate") for i in deprecate],
         )
         self._ingest(ingest)
+        self._backfill(backfill)
         fallback = self._amend(amend)
         self._deprecate(deprecate)
         if fallback:
@@ -461,9 +476,7 @@ class _BatchRun:
             reason = (
                 f"timestamp {event.get('timestamp')} is older than the "
                 f"{self.o.spec.grace_period_hours} h grace period and Orb does not hold this "
-                "key; under `load_method: upsert` late new keys are not loaded through a "
-                "backfill yet: load them with `load_method: append-only` and "
-                "`late_event_policy: backfill`"
+                "key, and no Orb backfill could be used for it"
             )
         else:
             reason = (
@@ -512,6 +525,25 @@ class _BatchRun:
             self.result.accepted += len(acked)
             with self.stats.lock:
                 self.stats.new += len(acked)
+
+    def _backfill(self, items: list[Item]) -> None:
+        """Late new keys through the backfill manager (non-replacing, search first)."""
+        if not items or self.o.backfill_load is None:
+            return
+        events = [t.cast("dict[str, t.Any]", i.event) for i in items]
+        done = self.o.backfill_load(self.stream, events, [i.record for i in items])
+        refused = {
+            (line.get("event") or {}).get("idempotency_key") for line in done.rejected
+        }
+        acked = [i for i in items if i.key not in refused]
+        self._ack(acked, "ingest")
+        self._ledger("be written", self.o.ledger.clear_pending,
+                     [i.key for i in items if i.key in refused])
+        self.result.accepted += done.accepted
+        self.result.rejected.extend(done.rejected)
+        self.result.requests += done.requests
+        with self.stats.lock:
+            self.stats.new += len(acked)
 
     def _ack(self, items: list[Item], op: str) -> None:
         rows = []

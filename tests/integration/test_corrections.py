@@ -290,6 +290,30 @@ def test_late_rules_apply_to_new_keys_only(corr_orb, tmp_path):
     assert line["event"]["idempotency_key"] == "m9"
 
 
+def test_late_new_keys_go_through_a_backfill_under_backfill_policy(corr_orb, tmp_path):
+    run(corr_orb, tmp_path, [row(1)], sub="r1", late_event_policy="backfill")
+    old = (datetime.datetime.now(UTC) - datetime.timedelta(days=2)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+    corr_orb.set_billing_period("cust_1", datetime.datetime.now(UTC) - datetime.timedelta(
+        days=10), datetime.datetime.now(UTC) + datetime.timedelta(days=20))
+    result = run(corr_orb, tmp_path, [row(1, tokens=6), row(9, timestamp=old)], sub="r2",
+                 late_event_policy="backfill")
+    assert result.returncode == 0, result.stderr
+    assert not result.dead_letters
+    [backfill] = corr_orb.backfills()
+    assert backfill["status"] == "reflected" and backfill["events_ingested"] == 1
+    assert billed(corr_orb) == {"m1": {"tokens": 6, "region": "eu"},
+                                "m9": {"tokens": 1, "region": "eu"}}
+    c = corrections(result.stderr)
+    assert (c["new"], c["amended"]) == (1, 1)
+    # Known now: a replay sends nothing at all, not even a search.
+    start = len(corr_orb.requests)
+    again = run(corr_orb, tmp_path, [row(1, tokens=6), row(9, timestamp=old)], sub="r3",
+                late_event_policy="backfill")
+    assert again.returncode == 0, again.stderr
+    assert requests_since(corr_orb, start) == [("GET", "/v1/ping")]
+
+
 def test_append_only_makes_no_extra_request_and_no_ledger(corr_orb, tmp_path):
     records = [row(1), row(2, _sdc_deleted_at="2026-01-01T00:00:00Z")]
     config = base_config(corr_orb, tmp_path)
