@@ -141,3 +141,22 @@ def test_not_found_is_about_the_event_not_the_url_or_customer():
     assert not is_not_found(404, {"type": "…#404-resource-not-found",
                                   "detail": "Customer not found"})
     assert not is_not_found(400, {"detail": "timestamp must match"})
+
+
+def test_correction_settings_are_declared_with_orb_meanings():
+    from target_orb.settings import config_problems
+    from target_orb.target import TargetOrb
+
+    schema = TargetOrb.config_jsonschema["properties"]
+    method = schema["load_method"]
+    assert method["default"] == "append-only"
+    assert method["enum"] == ["append-only", "upsert", "overwrite"]
+    assert "amended" in method["description"] and "refused" in method["description"]
+    assert schema["ledger_url"].get("secret") is True  # a PostgreSQL URL may hold a password
+    assert schema["deprecate_deleted_events"]["default"] is False
+    for name in ("load_method", "ledger_url", "deprecate_deleted_events"):
+        assert schema[name].get("title") and schema[name].get("description"), name
+    base = {"api_key": "k", "external_customer_id_field": "userId"}
+    assert config_problems({**base, "load_method": "upsert"}) == []
+    [problem] = config_problems({**base, "load_method": "overwrite"})
+    assert "replacing backfill" in problem and "upsert" in problem
