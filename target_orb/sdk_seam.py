@@ -62,6 +62,13 @@ What is used, why, and the public API that would replace it:
 10. `SeamTarget.flush_idle`: counts what `_sinks_active` hold, then `drain_all()` (public),
    when the tap sent nothing for `flush_interval_seconds`. Would become: a public list of
    active sinks (and the SDK draining on idle input itself, sdk#2692-style).
+   `MsgSpecReader.deserialize_json` uses). Would become: the SDK's own loop, if it did the
+   cheaper check.
+11. `SeamSink._remove_sdc_metadata_from_record`: extended, not copied: the SDK strips the
+   `_sdc_*` columns (when `add_record_metadata` is off) on its own record path, streams with
+   a stream map included, and `_sdc_deleted_at` with them; under `load_method: upsert` that
+   column marks a deleted row, so it is put back (the mapping never sends `_sdc_*` keys).
+   Would become: a public switch to keep chosen metadata columns.
 """
 
 from __future__ import annotations
@@ -86,7 +93,7 @@ LOGGER = logging.getLogger("target_orb.reader")
 
 
 class SeamSink(BatchSink):
-    """The sink side of the seam (items 6 and 7)."""
+    """The sink side of the seam (items 6, 7 and 9)."""
 
     _seam_max_size: int = 500  # set by the subclass once the config is known
 
@@ -111,6 +118,12 @@ class SeamSink(BatchSink):
             reason: Why, in words.
         """
         raise NotImplementedError
+    @override
+    def _remove_sdc_metadata_from_record(self, record: dict) -> None:
+        deleted = record.get("_sdc_deleted_at")
+        super()._remove_sdc_metadata_from_record(record)
+        if deleted is not None:
+            record["_sdc_deleted_at"] = deleted
 
     def check_record(self, validator: t.Any, record: dict) -> None:
         """Validate one record against the stream schema without stopping the run.

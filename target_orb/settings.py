@@ -32,6 +32,7 @@ NestedPolicy = t.Literal["flatten", "json_string", "drop", "reject"]
 InvalidPolicy = t.Literal["dead_letter", "skip", "fail"]
 LatePolicy = t.Literal["reject", "send", "backfill"]
 IdentifyPolicy = t.Literal["skip", "customer_metadata"]
+LoadMethod = t.Literal["append-only", "upsert", "overwrite"]
 
 
 # Segment warehouse system columns that never become properties (README, "Segment warehouse rows").
@@ -392,6 +393,39 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         default=False,
     ),
     _prop(
+        "load_method",
+        th.StringType,
+        "Load method",
+        "`append-only` (default): ingest only, no extra request or storage. `upsert`: Orb "
+        "corrections: a key Orb already holds with an equal body is not sent, one with a "
+        "different body is amended (`PUT /v1/events/{key}`), a record with `_sdc_deleted_at` "
+        "is deprecated when `deprecate_deleted_events` is true; what Orb acknowledged is kept "
+        "in the ledger at `ledger_url`. `overwrite` is refused (a replacing backfill is a "
+        "separate, deliberate operation in Orb). See README \"Corrections\".",
+        default="append-only",
+        allowed_values=list(t.get_args(LoadMethod)),
+    ),
+    _prop(
+        "ledger_url",
+        th.StringType,
+        "Ledger URL",
+        "Under `load_method: upsert`: SQLAlchemy URL of the ledger of what Orb acknowledged "
+        "(key → body digest). Default: the SQLite file `target-orb-ledger.sqlite` in the "
+        "folder of `dead_letter_path`. Use `postgresql://…` (extra `target-orb[postgres]`) "
+        "in containers or when several jobs share one Orb account; use one ledger per Orb "
+        "account.",
+        secret=True,
+    ),
+    _prop(
+        "deprecate_deleted_events",
+        th.BooleanType,
+        "Deprecate deleted events",
+        "Under `load_method: upsert`: a record with `_sdc_deleted_at` set deprecates its Orb "
+        "event (`PUT /v1/events/{key}/deprecate`). Off by default: such records are skipped "
+        "and counted.",
+        default=False,
+    ),
+    _prop(
         "identify_streams",
         th.ArrayType(th.StringType),
         "Identify streams",
@@ -532,6 +566,13 @@ def config_problems(config: t.Mapping[str, t.Any]) -> list[str]:
         )
     for name in ("properties_mapping", "traits_mapping"):
         problems += _mapping_problems(name, config.get(name))
+    if load_method(config) == "overwrite":
+        problems.append(
+            "`load_method: overwrite` is not supported: in Orb it would mean a replacing "
+            "backfill, which deletes billed events and is a deliberate operation to run in "
+            "Orb itself. Use `upsert` to amend changed events (and deprecate deleted ones "
+            "with `deprecate_deleted_events`), or `append-only`.",
+        )
     if config.get("identify_policy") == "customer_metadata":
         if cust_field:
             problems.append(
@@ -582,6 +623,19 @@ def _mapping_problems(name: str, mapping: t.Any) -> list[str]:
     if empty:
         problems.append(f"`{name}` maps {sorted(empty)} to an empty Orb key.")
     return problems
+
+
+def load_method(config: t.Mapping[str, t.Any]) -> str:
+    """The `load_method` setting as text (the SDK may hand it over as its enum).
+
+    Args:
+        config: The parsed config.
+
+    Returns:
+        `append-only`, `upsert` or `overwrite` (or what the user wrote).
+    """
+    value = config.get("load_method") or "append-only"
+    return str(getattr(value, "value", value))
 
 
 def build_mapping_spec(config: t.Mapping[str, t.Any]) -> MappingSpec:

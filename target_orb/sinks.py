@@ -129,6 +129,11 @@ class OrbSink(SeamSink):
         if runtime.identify is not None and is_identify(record, self._identify_stream):
             self._process_identify(record, context)
             return
+        if runtime.corrections is not None:  # load_method: upsert
+            runtime.corrections.add_record(
+                self.stream_name, record, context, self._now, runtime.stats,
+            )
+            return
         result = map_record(record, self.stream_name, runtime.spec, self._now)
         if type(result) is Mapped:
             if result.key_derived:
@@ -192,6 +197,11 @@ class OrbSink(SeamSink):
         live request) and live ones to ingest, each as a job behind the same STATE gate.
         """
         runtime = self._runtime
+        if runtime.corrections is not None:  # load_method: upsert
+            runtime.corrections.submit_batch(self.stream_name, context)
+            if context.get("identifies"):
+                runtime.customers.submit(self.stream_name, context["identifies"])
+            return
         events: list[dict] = context.get("events", [])
         records: list[t.Any] = context.get("records", [])
         invalid = context.get("invalid", [])

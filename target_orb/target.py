@@ -34,6 +34,10 @@ from target_orb.errors import (
     TerminatedError,
 )
 from target_orb.identify import build_identify_spec
+from target_orb.ledger import Ledger
+from target_orb.ledger import default_url as ledger_default_url
+from target_orb.ledger import describe as ledger_describe
+from target_orb.mapping import backfill_threshold
 from target_orb.pipeline import Pipeline
 from target_orb.ratelimit import RateLimiter
 from target_orb.sdk_seam import SeamMessageReader, SeamTarget
@@ -41,10 +45,12 @@ from target_orb.settings import (
     CONFIG_SCHEMA,
     build_delivery_settings,
     build_mapping_spec,
+    load_method,
 )
 from target_orb.settings import config_problems as cross_field_problems
 from target_orb.sinks import OrbSink
 from target_orb.stats import RunStats
+from target_orb.upsert import LiveOrbPort, Upserter
 
 if t.TYPE_CHECKING:
     from types import FrameType
@@ -81,6 +87,7 @@ class _Runtime:
     def __init__(self, target: TargetOrb) -> None:
         config = target.config
         self.spec = build_mapping_spec(config)
+        self.settings_config = config
         self.settings = build_delivery_settings(config)
         self.stats = RunStats()
         self.logger = target.logger
@@ -148,6 +155,32 @@ class _Runtime:
                 max_retry_seconds=s.max_retry_seconds,
                 aborted=self.abort.is_set,
             )
+        # `load_method: upsert` (README "Corrections"); None keeps append-only untouched.
+        self.corrections: Upserter | None = None
+        self.ledger: Ledger | None = None
+        if load_method(config) == "upsert" and self.client is not None and deliverer is not None:
+            self.ledger = Ledger(config.get("ledger_url") or ledger_default_url(s.dead_letter_path))
+            self.corrections = Upserter(
+                spec=self.spec,
+                ledger=self.ledger,
+                port=LiveOrbPort(
+                    self.client, deliverer,
+                    write_limiter=self.write_limiter, read_limiter=self.read_limiter,
+                ),
+                pipeline=self.pipeline,
+                deprecate_deleted_events=bool(config.get("deprecate_deleted_events")),
+                aborted=lambda: self.pipeline.error is not None,
+                note_derived_key=self.note_derived_key,
+                run_stats=self.stats,
+                late_threshold=(
+                    (lambda now: backfill_threshold(now, self.spec.grace_period_hours))
+                    if self.spec.late_event_policy == "backfill" else None
+                ),
+                backfill_load=(
+                    (lambda stream, events, records: backfills.load_job(stream, events, records)())
+                    if (backfills := self.backfills) is not None else None
+                ),
+            )
         # Identify → customer metadata; None under `identify_policy: skip` (nothing changes).
         self.identify = build_identify_spec(config, self.spec)
         self.customers = CustomerUpdater(
@@ -207,12 +240,29 @@ class _Runtime:
         problem = self.dead_letters.check_writable()
         if problem is not None:
             raise OrbFatalError(problem + " Nothing was read or sent.")
+        if self.ledger is not None:
+            self.ledger.open()
+            self.logger.info(
+                "load_method upsert: corrections ledger at %s.", ledger_describe(self.ledger.url)
+            )
+            if self.ledger.created:
+                self.logger.warning(
+                    "The corrections ledger is new (%s): keys it does not know are looked up "
+                    "in Orb, whose search cannot see events that were already amended. If "
+                    "events of this Orb account were amended through another ledger, point "
+                    "`ledger_url` at that ledger.", ledger_describe(self.ledger.url),
+                )
         if self.backfills is not None:
             self.backfills.start()
         if self.client is not None:
             self.client.ping()
         else:
             self.logger.info("DRY RUN: no request will be made to Orb (no ping, no ingest).")
+            if load_method(self.settings_config) == "upsert":
+                self.logger.info(
+                    "DRY RUN: load_method upsert decides nothing in a dry run (no ledger, no "
+                    "search); the payloads below are shown as new events.",
+                )
 
     def note_derived_key(self, stream: str) -> None:
         self.stats.keys_derived += 1
@@ -234,6 +284,8 @@ class _Runtime:
         self.pipeline.close(timeout)
         if self.client is not None:
             self.client.close()
+        if self.ledger is not None:
+            self.ledger.close()
 
     def finish(
         self, *, failed: bool, timeout: float = 5.0, backfill_budget: float = 60.0
@@ -255,8 +307,20 @@ class _Runtime:
             dry_run=self.settings.dry_run,
             failed=failed,
         )
+        metrics = self.stats.as_dict()
+        if self.corrections is not None:
+            text += "\n" + "\n".join(self.corrections.stats.summary_lines())
+            metrics["corrections"] = self.corrections.stats.as_dict()
         self.logger.info(text)
-        self.logger.info("target-orb metrics: %s", jsonutil.dumps_str(self.stats.as_dict()))
+        self.logger.info("target-orb metrics: %s", jsonutil.dumps_str(metrics))
+
+    def prune_ledger(self) -> None:
+        """After a successful run: prune ledger entries past Orb's correction window."""
+        if self.ledger is not None:
+            pruned = self.ledger.prune()
+            if pruned:
+                self.logger.info("Corrections ledger: pruned %d entries past Orb's correction "
+                                 "window.", pruned)
 
 
 class TargetOrb(SeamTarget):
@@ -364,6 +428,7 @@ class TargetOrb(SeamTarget):
         self.runtime.pipeline.wait_all()
         # Every late event is in its backfill (or dead-lettered): close them now.
         self.runtime.finish_backfills(failed=False)
+        self.runtime.prune_ledger()
         self.runtime.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

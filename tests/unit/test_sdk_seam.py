@@ -41,6 +41,8 @@ PINNED = {
         "018b08ee7f624f61", "item 5: the key-property error the fast path raises"),
     "singer_sdk.sinks.core:Sink.tally_record_read": (
         "b1cfae5f7a3fab1f", "item 5: inlined in the fast path"),
+    "singer_sdk.sinks.core:Sink._remove_sdc_metadata_from_record": (
+        "7cd9e5fb192f13ec", "item 9: extended by SeamSink to keep _sdc_deleted_at"),
     "singer_sdk.sinks.core:Sink.is_full": (
         "662da81db8ad2d5a", "item 7: replaced by SeamSink.is_full"),
     "singer_sdk.sinks.batch:BatchSink._get_context": (
