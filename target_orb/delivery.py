@@ -1,24 +1,29 @@
 """Delivery control flow for one request: retry in budget, 413 halving, 400 quarantine/bisect.
 
 I/O is injected (`send`, `clock`, `sleep`, `rand`) so every path is unit-testable with
-scripted answers and no real waiting. The retry loop is our own rather than the `backoff`
-decorator because it must honour Retry-After and a per-request time budget on an
-injectable clock.
+scripted answers and no real waiting. The delays come from `backoff` (python-backoff, the
+library singer-sdk itself uses): its `expo` wait generator gives the exponential schedule,
+with an equal jitter. The loop around it is our own rather than the `backoff.on_predicate`
+decorator because it honours Retry-After, stops within a per-request time budget on an
+injectable clock, and wakes from a wait when the run aborts.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import typing as t
 from dataclasses import dataclass, field
 
+import backoff
+
 from target_orb import jsonutil
 from target_orb.errors import DeliveryAbortedError, OrbFatalError, OrbRetryExhaustedError
 from target_orb.policy import (
+    MAX_BACKOFF_SECONDS,
     Outcome,
-    backoff_delay,
     classify,
     orb_error_summary,
     rejected_keys,
@@ -26,6 +31,42 @@ from target_orb.policy import (
 )
 
 LOGGER = logging.getLogger("target_orb.delivery")
+
+
+def equal_jitter(rand: t.Callable[[], float]) -> t.Callable[[float], float]:
+    """A `backoff` jitterer that waits between half and all of the computed delay.
+
+    backoff's own `full_jitter` may return almost 0 (a burst of retries against an Orb
+    that is already rate-limiting) and draws from the global `random`, which tests cannot
+    script; keeping half the delay as a floor avoids both.
+
+    Args:
+        rand: Uniform [0, 1).
+
+    Returns:
+        value -> a delay in [value / 2, value].
+    """
+
+    def jitter(value: float) -> float:
+        return value * (0.5 + 0.5 * rand())
+
+    return jitter
+
+
+def retry_delays(rand: t.Callable[[], float]) -> t.Iterator[float]:
+    """The backoff schedule for one request: 0.5, 1, 2, 4 … s capped at 30 s, jittered.
+
+    Args:
+        rand: Uniform [0, 1) for the jitter.
+
+    Yields:
+        Seconds to wait before each retry, in order.
+    """
+    schedule = backoff.expo(base=2, factor=0.5, max_value=MAX_BACKOFF_SECONDS)
+    next(schedule)  # backoff's generators yield 0 first (its decorators prime them)
+    jitter = equal_jitter(rand)
+    for cap in schedule:
+        yield jitter(cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +129,7 @@ class Deliverer:
         url: str,
         max_retry_seconds: float,
         clock: t.Callable[[], float] = time.monotonic,
+        abort: threading.Event | None = None,
         sleep: t.Callable[[float], bool] | None = None,
         rand: t.Callable[[], float] = random.random,
         limiter: Limiter | None = None,
@@ -100,7 +142,10 @@ class Deliverer:
             url: The ingest URL, for messages.
             max_retry_seconds: Time budget for retrying one request.
             clock: Monotonic seconds.
-            sleep: Waits; returns True when delivery must abort (shutdown).
+            abort: The run's abort signal (shared with the pipeline): a retry wait ends
+                at once, with DeliveryAbortedError, when it is set.
+            sleep: Waits; returns True when delivery must abort. Default: `abort.wait`
+                (or a plain sleep without `abort`); tests inject a fake clock's.
             rand: Uniform [0, 1) for jitter.
             limiter: Shared client-side rate limiter.
             on_retry: Called once per retry (for counters).
@@ -109,7 +154,9 @@ class Deliverer:
         self._url = url
         self._budget = max_retry_seconds
         self._clock = clock
-        self._sleep = sleep or (lambda s: time.sleep(s) or False)  # type: ignore[func-returns-value]
+        if sleep is None:
+            sleep = (abort or threading.Event()).wait
+        self._sleep = sleep
         self._rand = rand
         self._limiter = limiter or _NoLimit()
         self._on_retry = on_retry
@@ -303,13 +350,14 @@ class Deliverer:
     ) -> Response:
         started = self._clock()
         attempt = 0
+        delays = retry_delays(self._rand)
         while True:
             limiter.acquire(weight)
             try:
                 response = send_once()
             except TransportError as exc:
                 failure = f"{exc.kind} ({exc.detail})"
-                wait = backoff_delay(attempt, self._rand)
+                wait = next(delays)
                 if on_ambiguous is not None:
                     on_ambiguous()
             else:
@@ -319,7 +367,8 @@ class Deliverer:
                 if response.status >= 500 and on_ambiguous is not None:
                     on_ambiguous()
                 hinted = retry_after_seconds(response.headers)
-                wait = hinted if hinted is not None else backoff_delay(attempt, self._rand)
+                scheduled = next(delays)  # the schedule advances on every retry
+                wait = hinted if hinted is not None else scheduled
                 if response.status == 429:
                     limiter.penalize(wait)
             elapsed = self._clock() - started

@@ -17,6 +17,14 @@ class OrbInvalidEventError(FatalAPIError):
     """A record could not be delivered and `invalid_event_policy` is `fail`."""
 
 
+class StateWriteError(FatalAPIError):
+    """STATE could not be written to stdout (the orchestrator stopped reading, a full pipe)."""
+
+
+class PipelineClosedError(RuntimeError):
+    """Work was handed to the delivery pipeline after it was closed (a target-orb bug)."""
+
+
 class DeliveryAbortedError(Exception):
     """Delivery stopped because the run is shutting down (a signal or another failure)."""
 

@@ -9,7 +9,7 @@ import typing as t
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429})  # plus every 5xx (reference/orb-api.md §2.4)
 FATAL_STATUSES = frozenset({401, 403, 404})
-MAX_BACKOFF_SECONDS = 30.0
+MAX_BACKOFF_SECONDS = 30.0  # cap of the retry schedule (delivery.retry_delays)
 
 
 class Outcome(enum.Enum):
@@ -79,22 +79,6 @@ def retry_after_seconds(
         return None
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)
-
-
-def backoff_delay(attempt: int, rand: t.Callable[[], float]) -> float:
-    """Exponential backoff with full jitter: uniform in [0.5·cap, cap], cap = min(30, 0.5·2^n).
-
-    Half the cap is kept as a floor so retries never collapse into a busy loop.
-
-    Args:
-        attempt: Retries so far (0 for the first retry).
-        rand: Returns a float in [0, 1).
-
-    Returns:
-        Seconds to wait.
-    """
-    cap = min(MAX_BACKOFF_SECONDS, 0.5 * (2**attempt))
-    return cap * (0.5 + 0.5 * rand())
 
 
 def orb_error_summary(body: t.Any, limit: int = 300) -> str:

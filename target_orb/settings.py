@@ -335,7 +335,12 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "identify_policy",
         th.StringType,
         "Identify policy",
-        "Identify records: `skip`, or `customer_metadata` (not available in this version).",
+        "Identify records (Segment `type` `identify`, or the rows of `identify_streams`): "
+        "`skip` (counted as skipped by type), or `customer_metadata`: each becomes an update "
+        "of the Orb customer's `metadata` (`PUT /v1/customers/external_customer_id/{id}`, "
+        "customer from `external_customer_id_field`) with the traits chosen by "
+        "`traits_mapping` as strings; a null trait deletes its key. Merged per customer in "
+        "input order; a customer Orb does not know is dead-lettered.",
         default="skip",
         allowed_values=list(IDENTIFY_POLICIES),
     ),
@@ -343,22 +348,37 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "traits_field",
         th.StringType,
         "Traits field",
-        "Dotted path of an Identify's traits (used with `identify_policy: customer_metadata`).",
-        default="traits",
+        "Dotted path of an Identify's traits object; `\"\"` means the record root. Default "
+        "`traits`; with `record_preset: segment_warehouse` the traits are the row's columns "
+        "minus Segment's system columns (the `identifies` table). A JSON-object string is "
+        "parsed.",
     ),
     _prop(
         "traits_mapping",
         th.ObjectType(additional_properties=_MAPPING_VALUE),
         "Traits mapping",
-        "Trait key → Orb metadata key; unmapped traits are dropped unless `traits_passthrough`.",
+        "Trait key (a dotted path inside the traits) → Orb metadata key. Unmapped traits are "
+        "dropped unless `traits_passthrough`, and never leave the process (emails, phones and "
+        "addresses stay home). Nested traits follow `nested_properties`.",
         default={},
     ),
     _prop(
         "traits_passthrough",
         th.BooleanType,
         "Traits passthrough",
-        "Send every flat trait as customer metadata.",
+        "Send every trait (after flattening) as customer metadata, renamed where "
+        "`traits_mapping` maps it. Default false, with every preset: traits often hold "
+        "personal data.",
         default=False,
+    ),
+    _prop(
+        "identify_streams",
+        th.ArrayType(th.StringType),
+        "Identify streams",
+        "Streams whose records are Identify calls even without a `type` field (used with "
+        "`identify_policy: customer_metadata`). Default: with `record_preset: "
+        "segment_warehouse`, streams named `identifies` with or without a schema prefix "
+        "(`public-identifies`, `analytics.identifies`); none otherwise. `[]` turns that off.",
     ),
 ).to_dict()
 
@@ -474,10 +494,18 @@ def config_problems(config: t.Mapping[str, t.Any]) -> list[str]:
         if value is not None and value not in allowed:
             problems.append(f"`{name}` is {value!r}; use one of {', '.join(allowed)}.")
     if config.get("identify_policy") == "customer_metadata":
-        problems.append(
-            "`identify_policy: customer_metadata` is not available in this version of "
-            "target-orb; use `skip`.",
-        )
+        if cust_field:
+            problems.append(
+                "`identify_policy: customer_metadata` updates customers by external id "
+                "(`PUT /v1/customers/external_customer_id/{id}`) and `customer_id_field` is "
+                "set: use `external_customer_id_field` instead, or `identify_policy: skip`.",
+            )
+        if "identify" in {str(v).lower() for v in config.get("event_types") or ()}:
+            problems.append(
+                "`event_types` lists `identify` and `identify_policy` is `customer_metadata`; "
+                "an Identify record becomes a customer metadata update, not a usage event. "
+                "Remove `identify` from `event_types`.",
+            )
     positive = (
         "max_concurrent_requests",
         "request_timeout",

@@ -8,12 +8,13 @@ import typing as t
 
 import fastjsonschema
 from singer_sdk.exceptions import InvalidRecord
-from singer_sdk.sinks import BatchSink
 from singer_sdk.sinks.core import BaseJSONSchemaValidator
 from typing_extensions import override
 
 from target_orb.deadletter import entry
+from target_orb.identify import Skipped, Update, is_identify, is_identify_stream, map_identify
 from target_orb.mapping import Invalid, Mapped, Skip, dedupe_request, map_record
+from target_orb.sdk_seam import SeamSink
 from target_orb.settings import MAX_EVENTS_PER_REQUEST
 
 if t.TYPE_CHECKING:
@@ -49,7 +50,7 @@ class FastJSONSchemaValidator(BaseJSONSchemaValidator):
             raise InvalidRecord(exc.message, record) from None
 
 
-class OrbSink(BatchSink):
+class OrbSink(SeamSink):
     """One sink per stream; all sinks share the target's pipeline, stats and dead letters."""
 
     MAX_SIZE_DEFAULT = MAX_EVENTS_PER_REQUEST  # Orb /v1/ingest takes at most 500 events
@@ -73,13 +74,10 @@ class OrbSink(BatchSink):
         self._schema_warnings = 0
         self._now = datetime.datetime.now(_UTC)
         self._now_at = time.monotonic()
+        identify = self._runtime.identify
+        self._identify_stream = identify is not None and is_identify_stream(stream_name, identify)
         super().__init__(target, stream_name, schema, key_properties)
-        self._max_size = self.max_size  # config-only; read once, not per record
-
-    @property
-    @override
-    def is_full(self) -> bool:
-        return self._batch_records_read >= self._max_size
+        self._seam_max_size = self.max_size  # config-only; read once, not per record
 
     @property
     @override
@@ -97,26 +95,29 @@ class OrbSink(BatchSink):
             return super().get_validator()
 
     @override
-    def _validate_and_parse(self, record: dict) -> dict:
-        """Validate without crashing on schema drift; never convert datetimes.
+    def check_record(self, validator: BaseJSONSchemaValidator, record: dict) -> None:
+        """Validate without crashing on schema drift (the SDK never parses timestamps here).
 
         A record that does not match the tap's schema is still offered to the mapping,
         which dead-letters it if it cannot become a valid event (schema drift such as an
         integer column holding "N/A" must not abort a billing run). Timestamps are
         parsed by target-orb's own timestamp code, so the SDK's parsing (which raises on
-        an unparseable value and rewrites the dead-letter record) is skipped.
+        an unparseable value and rewrites the dead-letter record) is skipped
+        (target_orb/sdk_seam.py, item 6).
+
+        Args:
+            validator: The stream's validator.
+            record: The record.
         """
-        if self._validator is not None:
-            try:
-                self._validator.validate(record)
-            except InvalidRecord as exc:
-                self._schema_warnings += 1
-                if self._schema_warnings <= _MAX_SCHEMA_WARNINGS:
-                    self.logger.warning(
-                        "Record does not match the stream schema (%s); mapping it anyway.",
-                        exc.args[0] if exc.args else exc,
-                    )
-        return record
+        try:
+            validator.validate(record)
+        except InvalidRecord as exc:
+            self._schema_warnings += 1
+            if self._schema_warnings <= _MAX_SCHEMA_WARNINGS:
+                self.logger.warning(
+                    "Record does not match the stream schema (%s); mapping it anyway.",
+                    exc.args[0] if exc.args else exc,
+                )
 
     @override
     def process_record(self, record: dict, context: dict) -> None:
@@ -125,6 +126,9 @@ class OrbSink(BatchSink):
         if time.monotonic() - self._now_at > _NOW_REFRESH_SECONDS:
             self._now = datetime.datetime.now(_UTC)
             self._now_at = time.monotonic()
+        if runtime.identify is not None and is_identify(record, self._identify_stream):
+            self._process_identify(record, context)
+            return
         result = map_record(record, self.stream_name, runtime.spec, self._now)
         if type(result) is Mapped:
             if result.key_derived:
@@ -136,6 +140,23 @@ class OrbSink(BatchSink):
             context.setdefault("records", []).append(record)
         elif type(result) is Skip:
             runtime.stats.skipped[result.reason] += 1
+        else:
+            assert isinstance(result, Invalid)
+            runtime.stats.invalid[result.code] += 1
+            context.setdefault("invalid", []).append(
+                entry(self.stream_name, record, result.reason, "local"),
+            )
+
+    def _process_identify(self, record: dict, context: dict) -> None:
+        """An Identify under `identify_policy: customer_metadata`: a metadata update."""
+        runtime = self._runtime
+        runtime.stats.identifies_read += 1
+        assert runtime.identify is not None
+        result = map_identify(record, runtime.identify)
+        if type(result) is Update:
+            context.setdefault("identifies", []).append((result, record))
+        elif type(result) is Skipped:
+            runtime.stats.identifies_skipped[result.reason] += 1
         else:
             assert isinstance(result, Invalid)
             runtime.stats.invalid[result.code] += 1
@@ -170,6 +191,9 @@ class OrbSink(BatchSink):
                 records = [records[i] for i in keep]
                 kept = keep
         runtime.pipeline.reject_local(self.stream_name, invalid)
+        identifies = context.get("identifies")
+        if identifies:
+            runtime.customers.submit(self.stream_name, identifies)
         if runtime.backfills is None:
             runtime.pipeline.submit(self.stream_name, events, records)
             return

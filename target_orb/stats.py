@@ -41,6 +41,12 @@ class RunStats:
         self.backfills_created = 0
         self.backfills: list[dict[str, t.Any]] = []  # every backfill the run created
         self.backfill_plan: list[dict[str, t.Any]] = []  # dry run: windows and counts
+        # Identify → customer metadata (identify_policy: customer_metadata).
+        self.identifies_read = 0
+        self.identifies_skipped: collections.Counter[str] = collections.Counter()
+        self.customers_updated = 0
+        self.identify_updates_merged = 0
+        self.customers_not_found = 0
 
     def add_retry(self) -> None:
         """Count one retry (called from delivery threads)."""
@@ -79,7 +85,7 @@ class RunStats:
             "requests": self.requests,
             "retries": self.retries,
             "seconds": round(self._clock() - self.started, 3),
-        } | self._backfill_dict()
+        } | self._backfill_dict() | self._identify_metrics()
 
     def _backfill_dict(self) -> dict[str, t.Any]:
         if not (self.late_events or self.late_rerouted or self.backfills or self.backfill_plan):
@@ -94,6 +100,19 @@ class RunStats:
         if self.backfill_plan:
             out["backfill_plan"] = list(self.backfill_plan)
         return out
+
+    def _identify_metrics(self) -> dict[str, t.Any]:
+        if not self.identifies_read:
+            return {}
+        return {
+            "identify": {
+                "identifies_read": self.identifies_read,
+                "customers_updated": self.customers_updated,
+                "updates_merged": self.identify_updates_merged,
+                "customers_not_found": self.customers_not_found,
+                "skipped": dict(self.identifies_skipped),
+            },
+        }
 
     def summary(self, *, dead_letter_path: str | None, dry_run: bool, failed: bool) -> str:
         """The end-of-run block for stderr.
@@ -145,6 +164,14 @@ class RunStats:
                 f"  backfill plan: {row['timeframe_start']}..{row['timeframe_end']}, "
                 f"{row['events']} events",
             )
+        if self.identifies_read:
+            lines += [
+                f"  identifies read:       {self.identifies_read}",
+                f"  customers updated:     {self.customers_updated}",
+                f"  updates merged:        {self.identify_updates_merged}",
+                f"  customers not found:   {self.customers_not_found}",
+                f"  identifies skipped:    {by_reason(self.identifies_skipped)}",
+            ]
         if self.keys_derived:
             lines.append(f"  keys derived (no key): {self.keys_derived}")
         if self.dead_lettered and dead_letter_path:

@@ -10,21 +10,18 @@ import sys
 import threading
 import typing as t
 
-from singer_sdk import Target
 from singer_sdk.exceptions import (
-    ConfigValidationError,
     InvalidInputLine,
     MissingKeyPropertiesError,
     RecordsWithoutSchemaException,
 )
 from singer_sdk.helpers.capabilities import PluginCapabilities, TargetCapabilities
-from singer_sdk.mapper import SameRecordTransform
-from singer_sdk.plugin_base import _ConfigInput
 from typing_extensions import override
 
 from target_orb import jsonutil
 from target_orb.backfill import BackfillManager, OwnershipRecord, record_path_for
 from target_orb.client import OrbClient
+from target_orb.customers import CustomerUpdater
 from target_orb.deadletter import DeadLetterWriter
 from target_orb.delivery import Deliverer
 from target_orb.errors import (
@@ -32,17 +29,19 @@ from target_orb.errors import (
     OrbFatalError,
     OrbInvalidEventError,
     OrbRetryExhaustedError,
+    StateWriteError,
     TerminatedError,
 )
+from target_orb.identify import build_identify_spec
 from target_orb.pipeline import Pipeline
 from target_orb.ratelimit import RateLimiter
-from target_orb.reader import OrbMessageReader
+from target_orb.sdk_seam import SeamMessageReader, SeamTarget
 from target_orb.settings import (
     CONFIG_SCHEMA,
     build_delivery_settings,
     build_mapping_spec,
-    config_problems,
 )
+from target_orb.settings import config_problems as cross_field_problems
 from target_orb.sinks import OrbSink
 from target_orb.stats import RunStats
 
@@ -54,6 +53,7 @@ _EXPECTED_ERRORS = (
     OrbFatalError,
     OrbRetryExhaustedError,
     OrbInvalidEventError,
+    StateWriteError,
     # Malformed Singer input: the SDK's own messages say what is wrong.
     InvalidInputLine,
     MissingKeyPropertiesError,
@@ -89,6 +89,9 @@ class _Runtime:
         self._derived_warned = False
         deliverer = None
         s = self.settings
+        # One abort signal for the run: set on the first delivery failure and on close, it
+        # ends every retry wait (ingest and other calls) at once.
+        self.abort = threading.Event()
         self.ingest_limiter: RateLimiter | None = None
         # Orb budgets each kind of call separately (reference/orb-api.md §2.8): ingest, other
         # writes (backfill create/close, customer updates, amend/deprecate) and reads (search).
@@ -107,8 +110,7 @@ class _Runtime:
                 self.client.post_ingest,
                 url=self.client.ingest_url,
                 max_retry_seconds=s.max_retry_seconds,
-                # The pipeline is built below; bind late.
-                sleep=lambda seconds: self.pipeline.sleep(seconds),  # noqa: PLW0108
+                abort=self.abort,
                 limiter=limiter,
                 on_retry=self.stats.add_retry,
             )
@@ -121,11 +123,13 @@ class _Runtime:
             invalid_policy=s.invalid_event_policy,
             max_in_flight=s.max_concurrent_requests,
             state_writer=target.write_state_line,
+            abort=self.abort,
             dry_run=s.dry_run,
             ingest_url=f"{s.api_url}/ingest",
             interrupt_main_on_failure=target.is_cli_run,
             progress_interval=s.progress_interval_seconds,
         )
+        self._summarized = False
         self.backfills: BackfillManager | None = None
         if self.spec.late_event_policy == "backfill":
             self.backfills = BackfillManager(
@@ -138,8 +142,18 @@ class _Runtime:
                 read_limiter=self.read_limiter,
                 grace_period_hours=self.spec.grace_period_hours,
                 max_retry_seconds=s.max_retry_seconds,
-                aborted=lambda: self.pipeline.sleep(0),
+                aborted=self.abort.is_set,
             )
+        # Identify → customer metadata; None under `identify_policy: skip` (nothing changes).
+        self.identify = build_identify_spec(config, self.spec)
+        self.customers = CustomerUpdater(
+            client=self.client,
+            deliverer=deliverer,
+            pipeline=self.pipeline,
+            limiter=self.write_limiter,
+            stats=self.stats,
+            api_url=s.api_url,
+        )
 
     def _backfill_ingest_deliverer(self, send: t.Callable[[bytes, int], t.Any]) -> Deliverer:
         """Ingest into one backfill: ingest's retry rules, budget and rate limits."""
@@ -148,7 +162,7 @@ class _Runtime:
             send,
             url=f"{self.client.ingest_url}?backfill_id=…",
             max_retry_seconds=self.settings.max_retry_seconds,
-            sleep=lambda seconds: self.pipeline.sleep(seconds),  # noqa: PLW0108
+            abort=self.abort,
             limiter=self.ingest_limiter,
             on_retry=self.stats.add_retry,
         )
@@ -207,7 +221,31 @@ class _Runtime:
                 stream, self.spec.idempotency_key_field,
             )
 
-    def summary(self, *, failed: bool) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the delivery threads and the HTTP client (idempotent); the one way down.
+
+        Args:
+            timeout: Seconds to wait for each delivery thread.
+        """
+        self.pipeline.close(timeout)
+        if self.client is not None:
+            self.client.close()
+
+    def finish(
+        self, *, failed: bool, timeout: float = 5.0, backfill_budget: float = 60.0
+    ) -> None:
+        """End the run: close this run's backfills, close, then log the summary once.
+
+        Args:
+            failed: The run failed or was stopped (marks the summary too).
+            timeout: Seconds to wait for each delivery thread.
+            backfill_budget: Seconds of retries for each backfill close call.
+        """
+        self.finish_backfills(failed=failed, budget=backfill_budget)
+        self.close(timeout)
+        if self._summarized:
+            return
+        self._summarized = True
         text = self.stats.summary(
             dead_letter_path=self.dead_letters.path,
             dry_run=self.settings.dry_run,
@@ -216,20 +254,15 @@ class _Runtime:
         self.logger.info(text)
         self.logger.info("target-orb metrics: %s", jsonutil.dumps_str(self.stats.as_dict()))
 
-    def shutdown(self, timeout: float = 5.0) -> None:
-        self.pipeline.close(timeout)
-        if self.client is not None:
-            self.client.close()
 
-
-class TargetOrb(Target):
+class TargetOrb(SeamTarget):
     """Singer target that sends Segment-shaped Track events to Orb's usage-event ingestion."""
 
     name = "target-orb"
     package_name = "target-orb"
     config_jsonschema = CONFIG_SCHEMA
     default_sink_class = OrbSink
-    message_reader_class = OrbMessageReader
+    message_reader_class = SeamMessageReader
     # No `schema-flattening`: it would turn `properties.x` into `properties__x` keys.
     capabilities: t.ClassVar[list] = [  # type: ignore[misc]
         PluginCapabilities.ABOUT,
@@ -237,35 +270,56 @@ class TargetOrb(Target):
         PluginCapabilities.STRUCTURED_LOGGING,
         TargetCapabilities.VALIDATE_RECORDS,
     ]
-    # The SDK drains every sink (and so offers STATE) this often while records arrive.
-    # STATE itself is written as soon as Orb acknowledged what precedes it.
-    _MAX_RECORD_AGE_IN_MINUTES = 1.0
     is_cli_run = False
+    cli_target: t.ClassVar[TargetOrb | None] = None
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         """Validate the config, then build the shared runtime.
+
+        In a CLI run, also check the dead-letter path and ping Orb, so a wrong key or URL
+        fails before any input is read.
 
         Args:
             args: Passed to the SDK.
             kwargs: Passed to the SDK.
         """
         self._stdout_lock = threading.Lock()
-        self._fast_sinks: dict[str, OrbSink] = {}
         super().__init__(*args, **kwargs)
         # process_batch only queues work, so parallel drains would add nothing.
         self.max_parallelism = 1
         self.runtime = _Runtime(self)
+        # Replace the SDK's handlers (they drain and exit 0, which can write STATE for an
+        # unfinished batch or hide a failure: sdk#3775).
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, self._on_signal)
+        if self.is_cli_run:
+            type(self).cli_target = self
+            self.runtime.ensure_started()
+            _tune_gc()
+
+    # -- the seam's hooks (target_orb/sdk_seam.py) -----------------------------------------
 
     @override
-    def _validate_config(self, *, raise_errors: bool = True) -> list[str]:
-        """Schema errors and cross-field problems, reported together in one error."""
-        errors = super()._validate_config(raise_errors=False)
-        errors += config_problems(self._config)
-        if errors and raise_errors:
-            raise ConfigValidationError(
-                "Config validation failed", errors=errors, schema=self.config_jsonschema
-            )
-        return errors
+    def config_problems(self) -> list[str]:
+        return cross_field_problems(self.config)
+
+    @override
+    def offer_state(self, state: dict) -> None:
+        # drain_all calls this after queueing every sink's batch: hold it until acked.
+        self.runtime.pipeline.offer_state(state)
+
+    @override
+    def before_schema(self) -> None:
+        self.runtime.ensure_started()
+
+    @override
+    def raise_if_delivery_failed(self) -> None:
+        pipeline = self.runtime.pipeline
+        if pipeline.error is not None:
+            pipeline.raise_if_failed()
+
+    # -- public SDK hooks ------------------------------------------------------------------
 
     def write_state_line(self, state: dict) -> None:
         """Write one STATE line (Decimal-safe, unlike the SDK's json.dumps: sdk#3787).
@@ -279,136 +333,96 @@ class TargetOrb(Target):
             sys.stdout.flush()
 
     @override
-    def _write_state_message(self, state: dict) -> None:
-        # drain_all calls this after queueing every sink's batch: hold it until acked.
-        self.runtime.pipeline.offer_state(state)
-
-    @override
-    def _process_record_message(self, message_dict: dict) -> None:
-        """The SDK's record path, minus the work that is a no-op for target-orb.
-
-        For a stream with no stream map and no flattening (the usual case), the SDK's
-        shallow copy, identity transform, sink lookup and `_sdc_` stripping do nothing
-        target-orb needs (the mapping ignores `_sdc_*` keys), so this path skips them and
-        keeps every other step in the SDK's order: batch context, validation (when on),
-        key-property check, tallies, process_record, full-sink drain and max-age drain.
-        Any other stream goes through the SDK unchanged.
-        """
-        pipeline = self.runtime.pipeline
-        if pipeline.error is not None:
-            pipeline.raise_if_failed()
-        sink = self._fast_sinks.get(message_dict.get("stream"))  # type: ignore[arg-type]
-        record = message_dict.get("record")
-        if sink is None or type(record) is not dict:
-            super()._process_record_message(message_dict)
-            return
-        context = sink._pending_batch or sink._get_context(record)  # noqa: SLF001
-        if sink._validator is not None:  # noqa: SLF001
-            sink._validate_and_parse(record)  # noqa: SLF001
-        for key in sink._key_properties:  # noqa: SLF001
-            if key not in record:
-                sink._singer_validate_message(record)  # noqa: SLF001 - raises the SDK's error
-        sink._total_records_read += 1  # noqa: SLF001 - tally_record_read(), inlined
-        sink._batch_records_read += 1  # noqa: SLF001
-        sink.process_record(record, context)
-        sink.record_counter_metric.increment()
-        if sink.is_full:
-            self.logger.debug(
-                "Target sink for '%s' is full. Current size is '%s'. Draining...",
-                sink.stream_name, sink.current_size,
-            )
-            self.drain_one(sink)
-        self._handle_max_record_age()
-
-    @override
-    def _process_schema_message(self, message_dict: dict) -> None:
-        self.runtime.ensure_started()
-        super()._process_schema_message(message_dict)
-        stream = message_dict["stream"]
-        self._fast_sinks.pop(stream, None)
-        maps = self.mapper.stream_maps.get(stream) or []
-        if len(maps) == 1:
-            only = maps[0]
-            sink = self._sinks_active.get(only.stream_alias)
-            if (
-                type(only) is SameRecordTransform
-                and only.stream_alias == stream
-                and not (only.flattening_options and only.flattening_enabled)
-                and isinstance(sink, OrbSink)
-                and not sink.include_sdc_metadata_properties
-            ):
-                self._fast_sinks[stream] = sink
-
-    @override
     def process_endofpipe(self) -> None:
         super().process_endofpipe()
         self.runtime.pipeline.wait_all()
         # Every late event is in its backfill (or dead-lettered): close them now.
         self.runtime.finish_backfills(failed=False)
-        self.runtime.pipeline.close()
+        self.runtime.close()
 
-    @override
-    def _handle_termination(self, signum: int, frame: FrameType | None) -> None:
-        """Stop reading at once; never acknowledge a batch that is still in flight (sdk#3775).
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Stop reading at once; never acknowledge a batch that is still in flight.
 
-        The SDK's handler drains and exits 0, which can emit STATE for an unfinished
-        batch or hide a failure. Here a delivery failure is re-raised, and a real signal
-        becomes TerminatedError; STATE already written covers only settled requests.
+        A delivery failure (a delivery thread interrupts the reading thread) is re-raised;
+        a real signal becomes TerminatedError. STATE already written covers only settled
+        requests.
         """
-        runtime = getattr(self, "runtime", None)
-        if runtime is not None and runtime.pipeline.error is not None:
-            if runtime.pipeline.error_reported:
+        pipeline = self.runtime.pipeline
+        if pipeline.error is not None:
+            if pipeline.error_reported:
                 return  # the reading thread already has the error; this is its echo
-            runtime.pipeline.raise_if_failed()
+            pipeline.raise_if_failed()
         raise TerminatedError(signum)
 
     @classmethod
     @override
-    def invoke(  # type: ignore[override]
-        cls,
-        *,
-        about: bool = False,
-        about_format: str | None = None,
-        config: _ConfigInput | None = None,
-        file_input: t.IO[str] | None = None,
-    ) -> None:
+    def invoke(cls, **kwargs: t.Any) -> None:
         """Run the target from the CLI with clear errors and exit codes.
 
-        Exit codes: 0 success; 1 a delivery, configuration or data error (message logged,
-        no traceback); 128+N after signal N.
+        The SDK's `invoke` builds the target (config validation; here also the ping) and
+        calls `listen()`; this wraps it. Exit codes: 0 success; 1 a delivery, configuration
+        or data error (message logged, no traceback); 128+N after signal N.
+
+        Args:
+            kwargs: The SDK's CLI arguments (`about`, `about_format`, `config`, `file_input`).
         """
-        if about:
-            cls.print_about(about_format)
-            sys.exit(0)
+        if kwargs.get("about"):
+            super().invoke(**kwargs)
+            return
         cls.is_cli_run = True
-        target: TargetOrb | None = None
-        failed = True
+        cls.cli_target = None
+        exit_code = 1  # stays 1 for an unexpected exception (a bug: its traceback is kept)
+        message: str | None = None
         try:
-            config = config or _ConfigInput()
-            cls.print_version(print_fn=cls.logger.info)
-            target = cls(
-                config=config.config, validate_config=True, parse_env_config=config.parse_env
-            )
-            target.runtime.ensure_started()
-            _tune_gc()
-            target.listen(file_input)
-            failed = False
+            super().invoke(**kwargs)
+            exit_code = 0
         except _EXPECTED_ERRORS as exc:
-            cls._fail(target, str(exc))
+            message = str(exc)
         except DeliveryAbortedError:
-            cls._fail(target, "delivery was aborted")
+            message = "delivery was aborted"
         except TerminatedError as exc:
-            cls._terminated(target, exc.signum)
+            exit_code = 128 + int(exc.signum)
         except KeyboardInterrupt:
-            cls._terminated(target, signal.SIGINT)
+            exit_code = 128 + int(signal.SIGINT)
         except OSError as exc:
-            cls._fail(target, f"I/O error: {exc}. Check `dead_letter_path` and disk space.")
+            message = f"I/O error: {exc}. Check `dead_letter_path` and disk space."
         finally:
-            cls._ignore_signals()
-            if target is not None:
-                target.runtime.finish_backfills(failed=failed)
-                target.runtime.summary(failed=failed)
-                target.runtime.shutdown()
+            cls._finish(cls.cli_target, exit_code, message)
+
+    @classmethod
+    def _finish(cls, target: TargetOrb | None, exit_code: int, message: str | None) -> None:
+        """The one end of a CLI run: report, close the runtime, log the summary, exit.
+
+        A failed or interrupted run leaves with `os._exit`, so a delivery thread stuck in
+        a request cannot hold the process; a success returns to the SDK's CLI.
+        """
+        cls._ignore_signals()
+        pending = target.runtime.pipeline.unacknowledged if target is not None else 0
+        if message is not None:
+            cls.logger.error("target-orb failed: %s", message)
+            if pending:
+                cls.logger.error(
+                    "%d events were in flight and are unacknowledged; no STATE covers them. "
+                    "A rerun resends them under the same idempotency keys (Orb deduplicates).",
+                    pending,
+                )
+        elif exit_code > 128:
+            cls.logger.error(
+                "Stopped by signal %d. %d events in flight were not acknowledged and no STATE "
+                "covers them or anything after them; rerun to resend (same idempotency keys).",
+                exit_code - 128, pending,
+            )
+        if target is not None:
+            target.runtime.finish(
+                failed=exit_code != 0,
+                timeout=5.0 if exit_code == 0 else 1.0,
+                # A signal means someone wants the process gone: less time for closing.
+                backfill_budget=15.0 if exit_code > 128 else 60.0,
+            )
+        if exit_code != 0 and (message is not None or exit_code > 128):
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(exit_code)
 
     @staticmethod
     def _ignore_signals() -> None:
@@ -417,39 +431,3 @@ class TargetOrb(Target):
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_IGN)
-
-    @classmethod
-    def _fail(cls, target: TargetOrb | None, message: str) -> t.NoReturn:
-        cls._ignore_signals()
-        pending = target.runtime.pipeline.unacknowledged if target else 0
-        cls.logger.error("target-orb failed: %s", message)
-        if pending:
-            cls.logger.error(
-                "%d events were in flight and are unacknowledged; no STATE covers them. A "
-                "rerun resends them under the same idempotency keys (Orb deduplicates).",
-                pending,
-            )
-        if target is not None:
-            target.runtime.finish_backfills(failed=True)
-            target.runtime.summary(failed=True)
-            target.runtime.shutdown(timeout=1.0)
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(1)
-
-    @classmethod
-    def _terminated(cls, target: TargetOrb | None, signum: int) -> t.NoReturn:
-        cls._ignore_signals()
-        pending = target.runtime.pipeline.unacknowledged if target else 0
-        cls.logger.error(
-            "Stopped by signal %d. %d events in flight were not acknowledged and no STATE "
-            "covers them or anything after them; rerun to resend (same idempotency keys).",
-            signum, pending,
-        )
-        if target is not None:
-            target.runtime.finish_backfills(failed=True, budget=15.0)
-            target.runtime.summary(failed=True)
-            target.runtime.shutdown(timeout=1.0)
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(128 + int(signum))

@@ -335,3 +335,32 @@ def test_schema_drift_with_validation_on_is_logged_not_fatal(orb, tmp_path):
         "N/A"
     ]
     assert "Traceback" not in result.stderr
+
+
+def test_stdout_closed_by_the_reader_fails_once_with_a_state_message(orb, tmp_path):
+    # A STATE write that fails (the orchestrator stopped reading) is its own error: one
+    # message about stdout, not an "I/O error ... dead_letter_path" about the wrong file.
+    import os
+    import subprocess
+
+    from tests.conftest import TARGET_ORB
+
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(base_config(orb, tmp_path)))
+    input_path = tmp_path / "input.singer"
+    input_path.write_text("\n".join(singer_lines([track(i) for i in range(1, 6)])) + "\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads target-orb's stdout
+    try:
+        proc = subprocess.run(
+            [TARGET_ORB, "--config", str(config_path), "--input", str(input_path)],
+            stdout=write_end, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            timeout=60, check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("Could not write STATE to stdout") == 1, proc.stderr
+    assert "dead_letter_path" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(orb.events()) == 5  # delivered before the STATE that failed

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 
-from target_orb.delivery import Deliverer, Response, TransportError
+from target_orb.delivery import Deliverer, Response, TransportError, retry_delays
 from target_orb.errors import DeliveryAbortedError, OrbFatalError, OrbRetryExhaustedError
 from target_orb.policy import (
     Outcome,
-    backoff_delay,
     classify,
     rejected_keys,
     retry_after_seconds,
@@ -106,11 +106,12 @@ def test_retry_after(headers, expected):
 
 
 def test_backoff_grows_exponentially_with_jitter_and_cap():
-    assert backoff_delay(0, lambda: 0.0) == 0.25
-    assert backoff_delay(0, lambda: 1.0) == 0.5
-    assert backoff_delay(3, lambda: 1.0) == 4.0
-    assert backoff_delay(20, lambda: 1.0) == 30.0
-    assert backoff_delay(20, lambda: 0.0) == 15.0
+    def first(n, rand):
+        return list(itertools.islice(retry_delays(rand), n))
+
+    assert first(8, lambda: 1.0) == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert first(8, lambda: 0.0) == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0]
+    assert first(25, lambda: 1.0)[-1] == 30.0
 
 
 def test_rejected_keys_objects_and_strings():

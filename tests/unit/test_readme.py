@@ -51,6 +51,7 @@ def test_every_contract_setting_is_in_the_schema():
         "late_event_policy", "grace_period_hours", "future_tolerance_seconds",
         "max_requests_per_second", "max_events_per_minute", "progress_interval_seconds",
         "identify_policy", "traits_field", "traits_mapping", "traits_passthrough",
+        "identify_streams",
     }
     assert contract <= names
     schema = TargetOrb.config_jsonschema["properties"]
