@@ -8,20 +8,25 @@
 - `warehouse_pipeline` (function): a factory for `WarehousePipeline`s (one `meltano run`
   configuration: database, stand-in Orb, target settings, own state id and dead-letter file).
 
-For a test that changes rows between runs (corrections, issue 12):
+For a test that changes rows between runs (corrections, issue 12; see
+tests/e2e/test_warehouse_update_helper.py, which runs this shape):
+
+    from tests.e2e import warehouse as wh
 
     def test_update(postgres, warehouse_pipeline):
-        db = postgres.create_database("corrections", timezone="America/New_York")
-        create_tracks_table(db)
-        insert_rows(db, [segment_row("m1", when, user_id="acct", event="api_request",
-                                     event_text="API Request", loaded=now, tokens=5)])
+        db = postgres.create_database("corrections", timezone=wh.READ_TIMEZONE)
+        wh.create_tracks_table(db)
+        wh.insert_rows(db, [wh.segment_row("m1", when, user_id="acct", event="api_request",
+                                           event_text="API Request", loaded=now, tokens=5)])
+        ledger = postgres.create_database("ledger")  # ledger.url: postgresql://...
         with FakeOrb() as orb:
             env = {"TARGET_ORB_WAREHOUSE_LOAD_METHOD": "upsert"}
             p = warehouse_pipeline(db, orb, target_env=env)
             p.run().check()
-            # the tap bookmarks on uuid_ts: bump it, as Segment does when it reloads a row
-            db.execute("UPDATE web_app.tracks SET tokens = 4, uuid_ts = now() WHERE id = 'm1'")
-            p.run().check()
+            # sets the columns and bumps uuid_ts (the tap's bookmark) so the next run reads it
+            wh.update_rows(db, "m1", {"tokens": 4})
+            p.run().check()          # p.dead_letters(), p.state(), p.runs[-1].stderr
+            wh.delete_rows(db, "m1")  # a hard delete (no incremental tap sees it)
 """
 
 from __future__ import annotations
