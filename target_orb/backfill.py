@@ -9,8 +9,8 @@ How history is loaded (README "Loading history"; Orb API reference: event backfi
   explicitly (Orb's default is `true`, which would replace every customer's events in the
   timeframe), an explicit `close_time` (creation + 24 h, Orb's own default made explicit),
   and no customer scope (not needed: a non-replacing backfill only adds). The request carries
-  `Idempotency-Key: target-orb-backfill-<sha256 of the payload>`: a retried create (timeout,
-  5xx, 409) sends the same payload and key, so Orb replays the first answer instead of making
+  `Idempotency-Key: target-orb-backfill-<sha256 of the payload and the window's create
+  count>`: a retried create (timeout, 5xx, 409) sends the same payload and key, so Orb replays the first answer instead of making
   a second backfill; a later run picks a new `close_time`, hence a new key, and never replays
   an old, closed backfill.
 - **Ownership record.** Orb keeps no label on a backfill, so target-orb writes what it
@@ -991,7 +991,15 @@ class BackfillManager:
                 # Sent explicitly: Orb's default is true (replace every customer's events).
                 "replace_existing_events": False,
             }
-            digest = hashlib.sha256(jsonutil.dumps_sorted(payload)).hexdigest()
+            # The key also carries how many creates the ownership record already holds for
+            # this window: a create made in the same second as an earlier one of this window
+            # (after Orb closed that one) must get a new backfill, not Orb's stored answer
+            # for the earlier create. A retry of one create reuses its key.
+            made = sum(
+                1 for e in self.record.entries()
+                if e.get("timeframe_start") == payload["timeframe_start"]
+            )
+            digest = hashlib.sha256(jsonutil.dumps_sorted([payload, made])).hexdigest()
             key = f"target-orb-backfill-{digest[:44]}"
             self.record.add_intent(payload, key, now)
             response = self._request(

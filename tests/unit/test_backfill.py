@@ -769,6 +769,23 @@ def test_a_backfill_closed_under_a_long_run_is_replaced_and_nothing_lands_twice(
     assert len(orb.backfills) == 2 and orb.pending() == []
 
 
+def test_a_backfill_closed_in_the_same_second_is_replaced_not_replayed(tmp_path):
+    # Someone closes target-orb's backfill and the next create happens within the same
+    # second: the same payload must not replay Orb's stored answer (the closed backfill).
+    orb = ScriptedOrb()
+    m = make_manager(orb, tmp_path)
+    assert load(m, [event(1, MARCH)]).accepted == 1
+    (first,) = orb.pending()
+    orb.backfills[first]["status"] = "closing"
+    orb.settle()
+    result = load(m, [event(2, MARCH)])
+    assert (result.accepted, result.rejected) == (1, [])
+    m.finish(failed=False)
+    keys = [c[4]["Idempotency-Key"] for c in orb.calls if c[:2] == ("POST", "/events/backfills")]
+    assert len(set(keys)) == 2 and len(orb.backfills) == 2
+    assert billed_twice(orb) == {} and sorted(orb.live) == ["k1", "k2"]
+
+
 def test_a_refusal_from_a_backfill_that_is_still_open_fails_the_run(tmp_path):
     orb = ScriptedOrb()
     m = make_manager(orb, tmp_path)
