@@ -11,8 +11,9 @@ How history is loaded (README "Loading history"; Orb API reference: event backfi
   and no customer scope (not needed: a non-replacing backfill only adds). The request carries
   `Idempotency-Key: target-orb-backfill-<sha256 of the payload and the window's create
   count>`: a retried create (timeout, 5xx, 409) sends the same payload and key, so Orb
-  replays the first answer instead of making a second backfill; a later run picks a new `close_time`, hence a new key, and never replays
-  an old, closed backfill.
+  replays the first answer instead of making a second backfill; a later create (a later
+  run, or a window whose backfill Orb closed) has a new close time or count, hence a new
+  key, and never replays an old, closed backfill.
 - **Ownership record.** Orb keeps no label on a backfill, so target-orb writes what it
   creates to a small JSON file beside the dead-letter file (`<dead_letter_path without
   .jsonl>.backfills.json`, e.g. `target-orb-dead-letter.backfills.json`), fsynced and replaced
