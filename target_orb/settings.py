@@ -688,4 +688,10 @@ def build_delivery_settings(config: t.Mapping[str, t.Any]) -> DeliverySettings:
         The frozen delivery settings.
     """
     resolved = resolve(config)
-    return _from_settings(DeliverySettings, resolved, api_url=resolved["api_url"].rstrip("/"))
+    return _from_settings(
+        DeliverySettings,
+        resolved,
+        api_url=resolved["api_url"].rstrip("/"),
+        # A number setting may arrive as Decimal (Meltano's `decimal` kind, JSON configs).
+        flush_interval_seconds=float(resolved["flush_interval_seconds"]),
+    )

@@ -73,3 +73,17 @@ def test_enum_values_are_declared_once_as_literal_types():
                           ("late_event_policy", settings.LatePolicy),
                           ("identify_policy", settings.IdentifyPolicy)]:
         assert PROPS[name]["enum"] == list(get_args(literal)), name
+
+
+def test_a_decimal_flush_interval_from_meltano_becomes_a_float():
+    # Meltano's `decimal` kind arrives as Decimal; the idle poll needs a plain number.
+    from decimal import Decimal
+
+    from target_orb.settings import build_delivery_settings
+
+    settings = build_delivery_settings(
+        {"api_key": "k", "external_customer_id_field": "userId",
+         "flush_interval_seconds": Decimal("5.0")},
+    )
+    assert type(settings.flush_interval_seconds) is float
+    assert settings.flush_interval_seconds == 5.0
