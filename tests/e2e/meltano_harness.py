@@ -71,10 +71,16 @@ class MeltanoProject:
 
     @classmethod
     def copy_of_repo(cls, root: Path, meltano: str) -> MeltanoProject:
-        """meltano.yml copied to `root`, target-orb's `pip_url: -e .` pointed at this checkout."""
+        """meltano.yml copied to `root`, target-orb's `pip_url: -e .` pointed at this checkout.
+
+        With the `postgres` extra (psycopg's binary wheel, one small install), so the
+        warehouse tests can put the corrections ledger in PostgreSQL (`ledger_url`);
+        `target-orb-warehouse` shares this venv, as it does in the real project.
+        """
         text = MELTANO_YML.read_text(encoding="utf-8")
         assert text.count("pip_url: -e .\n") == 1, "meltano.yml: expected `pip_url: -e .`"
-        text = text.replace("pip_url: -e .\n", f"pip_url: -e {shlex.quote(str(REPO))}\n")
+        spec = shlex.quote(f"{REPO}[postgres]")
+        text = text.replace("pip_url: -e .\n", f"pip_url: -e {spec}\n")
         (root / "meltano.yml").write_text(text, encoding="utf-8")
         return cls(root=root, meltano=meltano)
 
