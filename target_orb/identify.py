@@ -28,6 +28,7 @@ from target_orb.mapping import (
     _warehouse_properties,
     get_path,
     is_disabled_by_integrations,
+    passthrough_nested,
 )
 from target_orb.settings import MappingSpec, flatten_mapping, resolve
 from target_orb.timestamps import format_orb, to_utc
@@ -309,28 +310,11 @@ def build_metadata(traits: t.Mapping[str, t.Any], spec: IdentifySpec) -> dict[st
             if key in mapping or key.startswith("_sdc_"):
                 continue
             if isinstance(value, dict) and spec.nested_properties == "flatten":
-                _passthrough_nested(builder, key, key, value, mapping)
+                # The leaves `traits_mapping` already renamed are left out.
+                passthrough_nested(builder, key, key, value, mapping)
             else:
                 builder.put(key, key, value)
     return builder.out
-
-
-def _passthrough_nested(
-    builder: _MetadataBuilder,
-    orb_key: str,
-    source: str,
-    value: t.Mapping[str, t.Any],
-    mapping: t.Mapping[str, str],
-) -> None:
-    """Flatten a nested trait, leaving out the leaves `traits_mapping` already renamed."""
-    for sub_key, sub_value in value.items():
-        sub_source = f"{source}.{sub_key}"
-        if sub_source in mapping:
-            continue
-        if isinstance(sub_value, dict):
-            _passthrough_nested(builder, f"{orb_key}_{sub_key}", sub_source, sub_value, mapping)
-        else:
-            builder.put(f"{orb_key}_{sub_key}", sub_source, sub_value)
 
 
 def map_identify(

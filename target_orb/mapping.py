@@ -341,14 +341,22 @@ def build_properties(source: t.Mapping[str, t.Any], spec: MappingSpec) -> dict[s
                 out[key] = value  # the common cases, inlined from builder.put
                 continue
             if isinstance(value, dict) and mapping:
-                _passthrough_nested(builder, key, key, value, mapping)
+                passthrough_nested(builder, key, key, value, mapping)
             else:
                 builder.put(key, key, value)
     return builder.out
 
 
-def _passthrough_nested(
-    builder: _PropertyBuilder,
+class NestedBuilder(t.Protocol):
+    """What passthrough needs of a builder (properties here, traits in identify.py)."""
+
+    nested: str
+
+    def put(self, orb_key: str, source: str, value: t.Any) -> None: ...
+
+
+def passthrough_nested(
+    builder: NestedBuilder,
     orb_key: str,
     source: str,
     value: t.Mapping[str, t.Any],
@@ -363,7 +371,7 @@ def _passthrough_nested(
         if sub_source in mapping:
             continue
         if isinstance(sub_value, dict):
-            _passthrough_nested(builder, f"{orb_key}_{sub_key}", sub_source, sub_value, mapping)
+            passthrough_nested(builder, f"{orb_key}_{sub_key}", sub_source, sub_value, mapping)
         else:
             builder.put(f"{orb_key}_{sub_key}", sub_source, sub_value)
 
