@@ -1682,24 +1682,23 @@ class BackfillManager:
     def _log_plan(self) -> None:
         if not self._plan:
             return
-        lines = [
-            f"  {window.label}: {count} events"
-            for window, count in sorted(self._plan.items())
+        boundary = self.boundary()
+        windows = [
+            (w.start, min(w.end, max(boundary, w.start + _SECOND)), n)
+            for w, n in sorted(self._plan.items())
         ]
+        lines = [f"  {format_orb(s)}..{format_orb(e)}: {n} events" for s, e, n in windows]
         LOGGER.info(
             "DRY RUN: backfill plan (late_event_policy: backfill), one non-replacing "
-            "backfill per window:\n%s\nNothing was created and Orb was not asked which keys it "
-            "already holds: a dry run makes no request.",
+            "backfill per window (the current month's ends at the grace boundary):\n%s\n"
+            "Nothing was created and Orb was not asked which keys it already holds or which "
+            "invoices it has issued: a dry run makes no request.",
             "\n".join(lines),
         )
         with self._stats.lock:
             self._stats.backfill_plan = [
-                {
-                    "timeframe_start": format_orb(w.start),
-                    "timeframe_end": format_orb(w.end),
-                    "events": n,
-                }
-                for w, n in sorted(self._plan.items())
+                {"timeframe_start": format_orb(s), "timeframe_end": format_orb(e), "events": n}
+                for s, e, n in windows
             ]
 
 
