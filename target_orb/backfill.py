@@ -629,6 +629,9 @@ class BackfillManager:
         # ours that does not overlap it; loads then take `_slot` one at a time.
         self._single = False
         self._slot = threading.RLock()
+        # Orb's own grace boundary is at least this: it refused an event this old as too old
+        # (its grace period may be shorter than `grace_period_hours`, or its clock ahead).
+        self._orb_edge: datetime.datetime | None = None
         self._aborted = aborted
         self._now = now
         self._sleep = sleep
@@ -730,6 +733,7 @@ class BackfillManager:
                 )
                 with self._stats.lock:
                     self._stats.late_rerouted += len(old)
+                self._learn_edge([events[i] for i in old])
                 done = self._load(stream, [events[i] for i in old], [records[i] for i in old])
                 accepted += done.accepted
                 rejected.extend(done.rejected)
@@ -771,10 +775,40 @@ class BackfillManager:
 
     def boundary(self, now: datetime.datetime | None = None) -> datetime.datetime:
         """The latest `timeframe_end` Orb accepts in a create now: now - grace, less
-        `SKEW_MARGIN`, in whole seconds (orb-billing `events/backfills.py`, create)."""
+        `SKEW_MARGIN`, in whole seconds (orb-billing `events/backfills.py`, create); or, when
+        later, the second after the newest event Orb's live ingest refused as too old (Orb's
+        boundary had passed it then: `_learn_edge`)."""
         now = self._now() if now is None else now
-        edge = now - datetime.timedelta(hours=self._grace) - SKEW_MARGIN
-        return edge.replace(microsecond=0)
+        edge = (now - datetime.timedelta(hours=self._grace) - SKEW_MARGIN).replace(microsecond=0)
+        learned = self._orb_edge
+        return edge if learned is None else max(edge, learned)
+
+    def _learn_edge(self, refused: t.Sequence[dict[str, t.Any]]) -> None:
+        """Orb refused these events live as older than its grace period, so its boundary is
+        past them: a backfill may end at the second after the newest. Waits 1.5 s so Orb's
+        boundary has also passed that rounded-up second before anything is created."""
+        newest = max(
+            (w for w in (_instant(e.get("timestamp")) for e in refused) if w is not None),
+            default=None,
+        )
+        if newest is None:
+            return
+        edge = newest.replace(microsecond=0) + _SECOND
+        with self._lock:
+            known = self._orb_edge
+            if known is not None and known >= edge:
+                return
+            self._orb_edge = edge
+        ours = self._now() - datetime.timedelta(hours=self._grace)
+        if newest > ours + SKEW_MARGIN:
+            LOGGER.warning(
+                "Orb refused an event at %s as older than its grace period, %.0f min inside "
+                "`grace_period_hours` (%g) by this machine's clock: Orb's grace period is "
+                "shorter, or its clock is ahead of this machine's. Loading such events through "
+                "backfills; set `grace_period_hours` to your account's grace period.",
+                format_orb(newest), (newest - ours).total_seconds() / 60, self._grace,
+            )
+        self._sleep(1.5)
 
     def _hold_until_past_boundary(self, part: _Part) -> None:
         """Wait until the grace boundary has passed every event of `part`.

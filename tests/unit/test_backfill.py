@@ -274,7 +274,7 @@ class ScriptedOrb:
         bid = (params or {}).get("backfill_id")
         events = body["events"]
         if bid is None:
-            oldest = self.now - datetime.timedelta(hours=12)
+            oldest = self.now - self.grace
             bad = [
                 {"idempotency_key": e["idempotency_key"],
                  "validation_errors": ["timestamp is older than the grace period; use a backfill"]}

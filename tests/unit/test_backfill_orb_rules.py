@@ -125,6 +125,25 @@ def test_an_event_far_newer_than_the_boundary_fails_with_the_clock_named(tmp_pat
     assert not created(orb)
 
 
+def test_an_event_orb_refuses_live_as_too_old_is_backfilled_past_orbs_own_boundary(tmp_path):
+    # The account's grace period (1 h) is shorter than `grace_period_hours` (12): a 3-hour-old
+    # event looks live to target-orb and Orb refuses it. Orb's refusal shows its boundary has
+    # passed the event, so the backfill ends just after it; nothing is lost or dead-lettered.
+    orb = ScriptedOrb()
+    orb.grace = datetime.timedelta(hours=1)
+    stats = RunStats()
+    manager = make_manager(orb, tmp_path, stats=stats, orb_clock=True)
+    ev = event(1, NOW - datetime.timedelta(hours=3, minutes=7))
+    result = manager.live_job("tracks", [ev], [{"rec": 1}])()
+    manager.finish(failed=False)
+    assert result.accepted == 1 and not result.rejected
+    assert stats.late_rerouted == 1
+    (payload,) = created(orb)
+    end = parse(payload["timeframe_end"])
+    assert parse(ev["timestamp"]) < end <= orb.now - orb.grace
+    assert set(orb.live) == {"k1"} and not billed_twice(orb)
+
+
 # ----------------------------------------------------------------------------- one pending
 
 
