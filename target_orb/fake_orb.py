@@ -1303,6 +1303,26 @@ def _summary(fake: FakeOrb) -> str:
                 f"  {c['id']}: {state}, {len(c['versions']) - 1} amendment(s); "
                 f"current {_compact(c['versions'][-1])}"
             )
+    invoices = fake.invoices()
+    if invoices:
+        lines.append(f"invoices: {len(invoices)}")
+        lines.extend(
+            f"  {inv['id']} {inv['status']} {inv['customer']['external_customer_id']} "
+            f"{inv['line_items'][0]['start_date']}..{inv['line_items'][0]['end_date']} "
+            f"invoice_date={inv['invoice_date']}"
+            for inv in invoices
+        )
+    issued = fake.issued_period_events()
+    if issued:
+        lines.append(
+            f"events a backfill brought into an issued invoice's period (Orb does not "
+            f"re-issue it): {len(issued)}"
+        )
+        lines.extend(
+            f"  {e['idempotency_key']} ({e['external_customer_id']}, {e['timestamp']}) "
+            f"backfill {e['backfill_id']} invoice {e['invoice_id']} {e['invoice_status']}"
+            for e in issued
+        )
     customers = fake.customers()
     if customers:
         lines.append(f"customers: {len(customers)} ({len(fake.customer_updates())} update(s))")
