@@ -330,10 +330,34 @@ def test_transient_5xx_answers_say_so(orb: FakeOrb, api: Api) -> None:
     ok = api.ingest([event()])
     assert ok.status_code == 200 and "Transient-Error" not in ok.headers
     orb.script({"status": 429})
-    assert "Transient-Error" not in api.ingest([event()]).headers
+    limited = api.ingest([event()])
+    assert "Transient-Error" not in limited.headers
+    # Orb documents no x-should-retry (the official client would obey one): none is sent.
+    assert "x-should-retry" not in limited.headers and "x-should-retry" not in resp.headers
 
 
 # --------------------------------------------------------------------------- rate limits
+
+
+def test_ingest_budget_counts_events_and_requests(make_orb: Callable[..., FakeOrb]) -> None:
+    clock = [60.0]
+    limit = RateLimit(events_per_window=3, window_seconds=60, requests_per_second=2,
+                      clock=lambda: clock[0])
+    orb = make_orb(rate_limit=limit)
+    api = Api(orb, requests.Session())
+    api.s.headers.update(AUTH)
+    assert api.ingest([event("a"), event("b")]).status_code == 200
+    over = api.ingest([event("c"), event("d")])  # 4 events > 3 in this window
+    assert over.status_code == 429 and error_type(over) == "429-too-many-requests"
+    assert "Retry-After" not in over.headers
+    assert api.ingest([event("c")]).status_code == 200
+    clock[0] += 60
+    assert api.ingest([event("d")]).status_code == 200
+    assert api.ingest([event("e")]).status_code == 200
+    assert api.ingest([event("f")]).status_code == 429  # a third request in this second
+    assert limit.refused == 2
+    assert set(orb.landed) == {"a", "b", "c", "d", "e"}
+    api.s.close()
 
 
 def test_write_budget_429_for_search(make_orb: Callable[..., FakeOrb]) -> None:
