@@ -667,6 +667,8 @@ class OrbResources:
     def _issued_invoice_for(self, ev: dict[str, Any]) -> dict[str, Any] | None:
         """An issued/paid/synced invoice of ``ev``'s customer whose line items' service
         period holds its timestamp (caller holds the lock)."""
+        if not self._invoices:
+            return None
         try:
             when = parse_event_timestamp(ev["timestamp"])
         except (ValueError, KeyError, TypeError):
