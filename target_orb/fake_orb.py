@@ -1,5 +1,5 @@
 """A strict, local stand-in for Orb's API: ingest, search, backfills, customers,
-amend and deprecate.
+amend and deprecate, invoices.
 
 It is meant for tests, benchmarks and manual runs of ``target-orb`` (or of any Orb
 client, Orb's own ``orb-billing`` included) without a real Orb account. It validates
@@ -37,24 +37,45 @@ What it serves (every route but ping needs ``Authorization: Bearer <api_key>``):
 - ``POST /v1/events/search`` (``EventSearchCriteria``): 1-500 case-sensitive ids,
   timeframe default the last 7 days, end exclusive; never finds amended events.
 - ``POST``/``GET /v1/events/backfills``, ``GET …/{id}``, ``POST …/{id}/close``,
-  ``POST …/{id}/revert``: at most 31 days, no overlap with a pending backfill,
-  ``replace_existing_events`` default true, ``close_time`` default creation + 1 day;
-  events invisible until closed (reflection happens by the next request) or until the
-  clock passes ``close_time``; a non-replacing backfill re-adding a key Orb already
-  holds bills it twice (``stats()["double_billed"]``).
+  ``POST …/{id}/revert``: at most 31 days; ``timeframe_end`` at or before the grace
+  boundary (now - grace period) at create time, or at or before now with a
+  ``deprecation_filter`` (which needs a replacing backfill, narrows what it deprecates,
+  and deprecates matching events that arrive later); no overlap with a pending or
+  pending_revert backfill of the same customer or an account-wide one (backfills of
+  different customers may overlap), or, with ``one_pending_backfill``, no create at all
+  while any backfill is pending; ``replace_existing_events`` default true,
+  ``close_time`` default creation + 1 day; events invisible until closed (reflection
+  happens by the next request, or ``reflection_delay_requests`` requests later) or until
+  the clock passes ``close_time``; a non-replacing backfill re-adding a key Orb already
+  holds bills it twice (``stats()["double_billed"]``); events it brings into a period
+  whose invoice is issued, paid or synced are recorded
+  (``stats()["events_in_issued_periods"]``, :meth:`FakeOrb.issued_period_events`).
 - ``GET``/``PUT /v1/customers/external_customer_id/{id}`` for seeded customers
   (``EditCustomer``; metadata ``"key": null`` deletes, ``"metadata": null`` clears).
 - ``PUT /v1/events/{id}`` (amend, ``AmendedEvent``) and ``PUT /v1/events/{id}/deprecate``:
   same timestamp and customer, an existing customer, an open billing period (the
   calendar month, or ``set_billing_period``; the previous one during the grace
   period), at most ``amend_cap`` events per customer per 100 days.
-- ``Idempotency-Key`` on every POST/PUT: a replay within 48 h gets the stored answer
-  with ``Idempotent-Replayed: true``; another request under the same key gets a 409.
+- ``GET /v1/invoices`` (``status[]`` default issued/paid/synced, customer, invoice-date
+  and amount filters, ``limit`` 1-100 default 20, ``cursor``; newest invoice date first)
+  and ``GET /v1/invoices/{id}`` for invoices seeded with :meth:`FakeOrb.add_invoice`,
+  ``--invoice`` or ``POST /_fake/invoices``.
+- ``Idempotency-Key`` on every POST/PATCH (ignored on PUT and GET): a replay within
+  48 h gets the stored answer with ``Idempotent-Replayed: true``; another request under
+  the same key gets a 409. Every 5xx carries ``Transient-Error: true``.
+- Optional fixed-window rate limits (:class:`RateLimit`): ingest events and requests,
+  writes (every other POST/PUT/PATCH/DELETE) and reads (GET); 429 without
+  ``Retry-After``.
+
+Each rule, the Orb document it comes from and the test that exercises it are listed in
+``fake_orb_RULES.md`` beside this module, with the assumptions the stand-in makes where
+Orb's documents are silent.
 
 Every time rule reads the stand-in's clock: :meth:`FakeOrb.set_now`,
 :meth:`FakeOrb.advance`, ``POST /_fake/clock`` or ``--now``. The control API under
 ``/_fake/`` (no key) reads back events, requests, stats, customers, customer updates,
-backfills and corrections, and sets faults, the clock and billing periods.
+backfills, corrections, invoices and events in issued periods, and sets faults, the
+clock, billing periods, invoices and the rules (``/_fake/settings``).
 
 Run it from a shell with ``python -m target_orb.fake_orb --help`` (or the
 ``fake-orb`` console script); ``fake-orb -- COMMAND ...`` runs COMMAND against a
@@ -1303,6 +1324,26 @@ def _summary(fake: FakeOrb) -> str:
                 f"  {c['id']}: {state}, {len(c['versions']) - 1} amendment(s); "
                 f"current {_compact(c['versions'][-1])}"
             )
+    invoices = fake.invoices()
+    if invoices:
+        lines.append(f"invoices: {len(invoices)}")
+        lines.extend(
+            f"  {inv['id']} {inv['status']} {inv['customer']['external_customer_id']} "
+            f"{inv['line_items'][0]['start_date']}..{inv['line_items'][0]['end_date']} "
+            f"invoice_date={inv['invoice_date']}"
+            for inv in invoices
+        )
+    issued = fake.issued_period_events()
+    if issued:
+        lines.append(
+            f"events a backfill brought into an issued invoice's period (Orb does not "
+            f"re-issue it): {len(issued)}"
+        )
+        lines.extend(
+            f"  {e['idempotency_key']} ({e['external_customer_id']}, {e['timestamp']}) "
+            f"backfill {e['backfill_id']} invoice {e['invoice_id']} {e['invoice_status']}"
+            for e in issued
+        )
     customers = fake.customers()
     if customers:
         lines.append(f"customers: {len(customers)} ({len(fake.customer_updates())} update(s))")
@@ -1382,7 +1423,7 @@ def _serve(fake: FakeOrb, max_seconds: float) -> int:
     print(fake.url, flush=True)
     print(
         f"fake-orb: serving Orb's ping, ingest, events/search, events/backfills, "
-        f"customers and event amend/deprecate at {fake.url} "
+        f"customers, event amend/deprecate and invoices at {fake.url} "
         f"(api key {fake.api_key!r}); control API at {fake.root_url}/_fake/; "
         "Ctrl-C to stop",
         file=sys.stderr,
@@ -1407,11 +1448,13 @@ def _parser() -> argparse.ArgumentParser:
         description="A strict local stand-in for Orb's API: GET /v1/ping, POST /v1/ingest "
         "(with ?backfill_id=), POST /v1/events/search, /v1/events/backfills "
         "(create/list/fetch/close/revert), GET/PUT /v1/customers/external_customer_id/ID, "
-        "PUT /v1/events/ID (amend) and PUT /v1/events/ID/deprecate, each validated against "
-        "Orb's spec; a request-level Idempotency-Key replays for 48 h. Control API (no key) "
-        "under /_fake/: events, requests, stats, reset, script, bad_keys, "
-        "413_if_events_over, clock, customers, customer_updates, billing_period, backfills, "
-        "corrections. Without COMMAND it serves until Ctrl-C/SIGTERM; "
+        "PUT /v1/events/ID (amend), PUT /v1/events/ID/deprecate, GET /v1/invoices and "
+        "GET /v1/invoices/ID, each validated against Orb's spec and documented rules "
+        "(target_orb/fake_orb_RULES.md); a request-level Idempotency-Key on POST/PATCH "
+        "replays for 48 h. Control API (no key) under /_fake/: events, requests, stats, "
+        "reset, script, bad_keys, 413_if_events_over, clock, customers, customer_updates, "
+        "billing_period, backfills, corrections, invoices, issued_period_events, settings. "
+        "Without COMMAND it serves until Ctrl-C/SIGTERM; "
         "with `-- COMMAND ...` it runs COMMAND with "
         "TARGET_ORB_API_URL and TARGET_ORB_API_KEY pointing at itself and exits with "
         "COMMAND's exit code.",

@@ -10,7 +10,10 @@ stand-in's clock and event store and serves, strictly after Orb's spec
   ``POST /v1/ingest?backfill_id=``;
 - ``GET``/``PUT /v1/customers/external_customer_id/{id}``;
 - ``PUT /v1/events/{event_id}`` (amend) and ``PUT /v1/events/{event_id}/deprecate``;
-- the request-level ``Idempotency-Key`` header on every POST/PUT.
+- ``GET /v1/invoices`` and ``GET /v1/invoices/{invoice_id}`` for seeded invoices;
+- the request-level ``Idempotency-Key`` header on POST/PATCH.
+
+Each rule's Orb source and test are in ``fake_orb_RULES.md`` beside this module.
 
 It imports nothing from ``target_orb`` except the stand-in's own modules.
 """
@@ -664,6 +667,8 @@ class OrbResources:
     def _issued_invoice_for(self, ev: dict[str, Any]) -> dict[str, Any] | None:
         """An issued/paid/synced invoice of ``ev``'s customer whose line items' service
         period holds its timestamp (caller holds the lock)."""
+        if not self._invoices:
+            return None
         try:
             when = parse_event_timestamp(ev["timestamp"])
         except (ValueError, KeyError, TypeError):
