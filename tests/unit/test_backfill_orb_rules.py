@@ -105,12 +105,12 @@ def test_a_window_continues_in_the_next_backfill_when_an_event_is_newer_than_its
     later = event(2, end + datetime.timedelta(minutes=10))
     assert load(manager, [later]).accepted == 1
     manager.finish(failed=False)
-    first_payload, second_payload = created(orb)
+    _first_payload, second_payload = created(orb)
     assert parse(second_payload["timeframe_end"]) > parse(later["timestamp"])
     assert parse(second_payload["timeframe_end"]) <= orb.now - GRACE
     assert set(orb.live) == {"k1", "k2"} and not billed_twice(orb)
     assert not orb.pending()
-    rows = manager._stats.backfills  # noqa: SLF001 - the summary rows
+    rows = manager._stats.backfills
     assert [r["events"] for r in rows] == [1, 1]
 
 
