@@ -6,8 +6,15 @@ generated file (``generate.py``) with ``late_event_policy: backfill``:
 - ``live``: timestamps in the last hour, all through live ``/ingest``;
 - ``late``: timestamps spread over 30 days ending 10 days ago (two calendar-month windows),
   all through backfills: search, create, ingest with ``?backfill_id=``, close;
-- ``late replay``: the same late file again right after ``late``: everything is found by
+- ``late replay``: the same late file again right after ``late``, with the same store
+  (``state_url``): every key is known there ("already delivered"), nothing is searched or
+  ingested;
+- ``late replay, new store``: the same again with an empty store: every key is found by
   search ("already in Orb") and nothing is ingested.
+
+Each ``late`` run has a store of its own (a SQLite file, as by default): the stand-in is
+reset between rounds, and a store that remembers deliveries to a reset Orb would rightly
+send nothing.
 
 The stand-in Orb (``target_orb.fake_orb.FakeOrb``, strict backfill rules) runs in this
 process; the target under test is its own process. After every run the case checks what
@@ -51,7 +58,7 @@ class BfRun:
         return self.requests * 1000.0 / self.records if self.records else 0.0
 
 
-def _config(url: str, workdir: Path, name: str, concurrency: int) -> Path:
+def _config(url: str, workdir: Path, name: str, concurrency: int, store: str) -> Path:
     config = {
         "api_key": "test-orb-key",
         "api_url": url,
@@ -62,6 +69,7 @@ def _config(url: str, workdir: Path, name: str, concurrency: int) -> Path:
         "progress_interval_seconds": 0,
         "late_event_policy": "backfill",
         "dead_letter_path": str(workdir / f"{name}.dead-letter.jsonl"),
+        "state_url": f"sqlite:///{workdir / store}",
     }
     path = workdir / f"{name}.config.json"
     path.write_text(json.dumps(config))
@@ -124,7 +132,9 @@ def scenario_backfill(
     late = generate(
         bench.workdir / "bf-late.singer", n, now=now - 40 * DAY + 3600, window_seconds=30 * DAY
     )
-    runs: dict[str, list[BfRun]] = {"live": [], "late": [], "late replay": []}
+    runs: dict[str, list[BfRun]] = {
+        "live": [], "late": [], "late replay": [], "late replay, new store": [],
+    }
     ctx = _Ctx(bench, run_child, target_cmd, concurrency, log)
     fake = FakeOrb(host="127.0.0.1", port=0, api_key="test-orb-key")
     fake.start()
@@ -134,21 +144,28 @@ def scenario_backfill(
             for kind in order:
                 fake.reset()
                 meta = live if kind == "live" else late
-                runs[kind].append(_one(ctx, fake, meta, kind, replay=False))
+                store = f"bf-{kind}-{r}.state.sqlite"
+                runs[kind].append(_one(ctx, fake, meta, kind, store, replay=False))
                 if kind == "late":
-                    with fake.lock:
-                        fake.requests.clear()
-                    runs["late replay"].append(_one(ctx, fake, meta, "late replay",
-                                                    replay=True))
+                    for again, again_store in (
+                        ("late replay", store),
+                        ("late replay, new store", f"bf-replay-{r}.state.sqlite"),
+                    ):
+                        with fake.lock:
+                            fake.requests.clear()
+                        runs[again].append(_one(ctx, fake, meta, again, again_store,
+                                                replay=True))
     finally:
         fake.stop()
     return {"runs": runs, "records": n, "concurrency": concurrency}
 
 
-def _one(ctx: _Ctx, fake: FakeOrb, meta: dict[str, t.Any], kind: str, *, replay: bool) -> BfRun:
+def _one(
+    ctx: _Ctx, fake: FakeOrb, meta: dict[str, t.Any], kind: str, store: str, *, replay: bool
+) -> BfRun:
     bench, log = ctx.bench, ctx.log
-    name = bench.name(f"bf-{kind}")
-    cfg = _config(fake.url, bench.workdir, name, ctx.concurrency)
+    name = bench.name(f"bf-{kind.replace(' ', '-').replace(',', '')}")
+    cfg = _config(fake.url, bench.workdir, name, ctx.concurrency, store)
     cmd = [*ctx.target_cmd, "--config", str(cfg), "--input", str(meta["path"])]
     child = ctx.run_child(cmd, timeout=120 + meta["records"] / 500, workdir=bench.workdir,
                           name=name)
@@ -172,8 +189,9 @@ def report_backfill(result: dict[str, t.Any] | None) -> list[str]:
         "",
         f"`late_event_policy: backfill`, max_concurrent_requests {result['concurrency']}, "
         "stand-in at 0 ms in the benchmark process. Late events span 30 days ending 10 days "
-        "ago (two calendar-month windows); the replay runs the late file again (everything "
-        "already in Orb). Requests: every request the stand-in received, per 1,000 events.",
+        "ago (two calendar-month windows); the replays run the late file again (everything "
+        "already delivered: decided by the store at state_url, or with a new store by search). "
+        "Requests: every request the stand-in received, per 1,000 events.",
         "",
         "| case | records/s (median) | requests / 1,000 events | wall s (median) | exact |",
         "|---|---:|---:|---:|---|",

@@ -159,7 +159,7 @@ class OrbClient:
         url: str,
         data: bytes | None = None,
         *,
-        params: t.Mapping[str, str] | None = None,
+        params: t.Mapping[str, str | list[str]] | None = None,
         headers: t.Mapping[str, str] | None = None,
     ) -> Response:
         try:
@@ -227,7 +227,7 @@ class OrbClient:
         path: str,
         *,
         body: t.Any = None,
-        params: t.Mapping[str, str] | None = None,
+        params: t.Mapping[str, str | list[str]] | None = None,
         headers: t.Mapping[str, str] | None = None,
     ) -> Response:
         """One attempt at any other Orb endpoint (no retries: wrap in `Deliverer.request`).

@@ -1,5 +1,5 @@
 """A strict, local stand-in for Orb's API: ingest, search, backfills, customers,
-amend and deprecate.
+amend and deprecate, invoices.
 
 It is meant for tests, benchmarks and manual runs of ``target-orb`` (or of any Orb
 client, Orb's own ``orb-billing`` included) without a real Orb account. It validates
@@ -37,24 +37,45 @@ What it serves (every route but ping needs ``Authorization: Bearer <api_key>``):
 - ``POST /v1/events/search`` (``EventSearchCriteria``): 1-500 case-sensitive ids,
   timeframe default the last 7 days, end exclusive; never finds amended events.
 - ``POST``/``GET /v1/events/backfills``, ``GET …/{id}``, ``POST …/{id}/close``,
-  ``POST …/{id}/revert``: at most 31 days, no overlap with a pending backfill,
-  ``replace_existing_events`` default true, ``close_time`` default creation + 1 day;
-  events invisible until closed (reflection happens by the next request) or until the
-  clock passes ``close_time``; a non-replacing backfill re-adding a key Orb already
-  holds bills it twice (``stats()["double_billed"]``).
+  ``POST …/{id}/revert``: at most 31 days; ``timeframe_end`` at or before the grace
+  boundary (now - grace period) at create time, or at or before now with a
+  ``deprecation_filter`` (which needs a replacing backfill, narrows what it deprecates,
+  and deprecates matching events that arrive later); no overlap with a pending or
+  pending_revert backfill of the same customer or an account-wide one (backfills of
+  different customers may overlap), or, with ``one_pending_backfill``, no create at all
+  while any backfill is pending; ``replace_existing_events`` default true,
+  ``close_time`` default creation + 1 day; events invisible until closed (reflection
+  happens by the next request, or ``reflection_delay_requests`` requests later) or until
+  the clock passes ``close_time``; a non-replacing backfill re-adding a key Orb already
+  holds bills it twice (``stats()["double_billed"]``); events it brings into a period
+  whose invoice is issued, paid or synced are recorded
+  (``stats()["events_in_issued_periods"]``, :meth:`FakeOrb.issued_period_events`).
 - ``GET``/``PUT /v1/customers/external_customer_id/{id}`` for seeded customers
   (``EditCustomer``; metadata ``"key": null`` deletes, ``"metadata": null`` clears).
 - ``PUT /v1/events/{id}`` (amend, ``AmendedEvent``) and ``PUT /v1/events/{id}/deprecate``:
   same timestamp and customer, an existing customer, an open billing period (the
   calendar month, or ``set_billing_period``; the previous one during the grace
   period), at most ``amend_cap`` events per customer per 100 days.
-- ``Idempotency-Key`` on every POST/PUT: a replay within 48 h gets the stored answer
-  with ``Idempotent-Replayed: true``; another request under the same key gets a 409.
+- ``GET /v1/invoices`` (``status[]`` default issued/paid/synced, customer, invoice-date
+  and amount filters, ``limit`` 1-100 default 20, ``cursor``; newest invoice date first)
+  and ``GET /v1/invoices/{id}`` for invoices seeded with :meth:`FakeOrb.add_invoice`,
+  ``--invoice`` or ``POST /_fake/invoices``.
+- ``Idempotency-Key`` on every POST/PATCH (ignored on PUT and GET): a replay within
+  48 h gets the stored answer with ``Idempotent-Replayed: true``; another request under
+  the same key gets a 409. Every 5xx carries ``Transient-Error: true``.
+- Optional fixed-window rate limits (:class:`RateLimit`): ingest events and requests,
+  writes (every other POST/PUT/PATCH/DELETE) and reads (GET); 429 without
+  ``Retry-After``.
+
+Each rule, the Orb document it comes from and the test that exercises it are listed in
+``fake_orb_RULES.md`` beside this module, with the assumptions the stand-in makes where
+Orb's documents are silent.
 
 Every time rule reads the stand-in's clock: :meth:`FakeOrb.set_now`,
 :meth:`FakeOrb.advance`, ``POST /_fake/clock`` or ``--now``. The control API under
 ``/_fake/`` (no key) reads back events, requests, stats, customers, customer updates,
-backfills and corrections, and sets faults, the clock and billing periods.
+backfills, corrections, invoices and events in issued periods, and sets faults, the
+clock, billing periods, invoices and the rules (``/_fake/settings``).
 
 Run it from a shell with ``python -m target_orb.fake_orb --help`` (or the
 ``fake-orb`` console script); ``fake-orb -- COMMAND ...`` runs COMMAND against a
@@ -106,14 +127,18 @@ from target_orb.fake_orb_common import (
     _timestamp_errors,
     _utcnow,
     error_body,
+    fmt_time,
     format_checker,
     parse_datetime,
 )
-from target_orb.fake_orb_resources import FakeOrbError, OrbResources
+from target_orb.fake_orb_resources import FakeOrbError, OrbResources, parse_when
 
 __all__ = [
     "ERROR_TYPE_BASE", "INT64_MAX", "INT64_MIN", "FakeOrb", "FakeOrbError", "RateLimit", "main",
 ]
+
+#: "Not given" for :meth:`FakeOrb.configure` (None there means "off").
+_UNSET: Any = object()
 
 #: Upper bound for a scripted ``hang`` so a typo can never wedge a test run.
 MAX_HANG_SECONDS = 600.0
@@ -384,7 +409,11 @@ class _Handler(BaseHTTPRequestHandler):
             outcome = fake._process(req)
         except Exception as exc:
             traceback.print_exc()
-            outcome = _Outcome(500, error_body(500, detail=f"fake-orb internal error: {exc!r}"))
+            outcome = _Outcome(
+                500,
+                error_body(500, detail=f"fake-orb internal error: {exc!r}"),
+                {"Transient-Error": "true"},
+            )
         if outcome.delay and fake.latency_ms > 0:
             fake._stopping.wait(fake.latency_ms / 1000.0)
         if outcome.action == "hang":
@@ -436,11 +465,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class RateLimit:
-    """Orb-style fixed-window limits on ``POST /v1/ingest`` (reference/orb-api.md §2.8).
+    """Orb-style fixed-window rate limits (Orb's rate-limit page, docs.withorb.com
+    "Rate limits"; see ``fake_orb_RULES.md``).
 
-    At most ``events_per_window`` events per ``window_seconds`` window and
-    ``requests_per_second`` requests per one-second window; windows are fixed (aligned to
-    the clock, not to the client). A request over either budget is refused whole with 429
+    - Ingest (``POST /v1/ingest``): at most ``events_per_window`` events per
+      ``window_seconds`` window and ``requests_per_second`` requests per second.
+    - Writes: every other POST/PUT/PATCH/DELETE (search, backfill create/close/revert,
+      amend, deprecate, customer update), at most ``writes_per_second`` per second. Orb's
+      page counts all of them as write actions (live 50/s, test 5/s, trial 1/s).
+    - Reads: every GET (ping, backfill list/fetch, invoices, customer fetch), at most
+      ``reads_per_second`` per second (live 100/s, test 50/s, trial 10/s).
+
+    Every budget is off (None) unless given. Windows are fixed (aligned to the clock,
+    not to the client). A request over a budget is refused whole with 429
     ``429-too-many-requests`` and no ``Retry-After`` (Orb documents none) and counts
     against nothing.
     """
@@ -451,21 +488,38 @@ class RateLimit:
         events_per_window: int | None = None,
         window_seconds: float = 60.0,
         requests_per_second: int | None = None,
+        writes_per_second: int | None = None,
+        reads_per_second: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if window_seconds <= 0:
             raise ValueError("window_seconds must be positive")
+        for name, value in (
+            ("events_per_window", events_per_window),
+            ("requests_per_second", requests_per_second),
+            ("writes_per_second", writes_per_second),
+            ("reads_per_second", reads_per_second),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
         self.events_per_window = events_per_window
         self.window_seconds = window_seconds
         self.requests_per_second = requests_per_second
+        self.writes_per_second = writes_per_second
+        self.reads_per_second = reads_per_second
         self.clock = clock
-        self.refused = 0
+        self.refused = 0  # ingest requests refused
+        self.refused_writes = 0
+        self.refused_reads = 0
         self._lock = threading.Lock()
         self._window = self._second = None
         self._events = self._requests = 0
+        self._counts: dict[str, tuple[int, int]] = {}  # kind -> (second, requests)
 
     def admit(self, events: int) -> bool:
-        """Count a request of ``events`` events, or refuse it (False)."""
+        """Count an ingest request of ``events`` events, or refuse it (False)."""
         with self._lock:
             now = self.clock()
             window, second = math.floor(now / self.window_seconds), math.floor(now)
@@ -486,15 +540,57 @@ class RateLimit:
             self._requests += 1
             return True
 
+    def _admit_one(self, kind: str, budget: int | None) -> bool:
+        if budget is None:
+            return True
+        with self._lock:
+            second = math.floor(self.clock())
+            at, used = self._counts.get(kind, (second, 0))
+            if at != second:
+                used = 0
+            if used + 1 > budget:
+                if kind == "write":
+                    self.refused_writes += 1
+                else:
+                    self.refused_reads += 1
+                return False
+            self._counts[kind] = (second, used + 1)
+            return True
+
+    def admit_write(self) -> bool:
+        """Count a write request (POST/PUT/PATCH/DELETE other than ingest), or refuse it."""
+        return self._admit_one("write", self.writes_per_second)
+
+    def admit_read(self) -> bool:
+        """Count a read request (GET/HEAD), or refuse it."""
+        return self._admit_one("read", self.reads_per_second)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "events_per_window": self.events_per_window,
+            "window_seconds": self.window_seconds,
+            "requests_per_second": self.requests_per_second,
+            "writes_per_second": self.writes_per_second,
+            "reads_per_second": self.reads_per_second,
+        }
+
 
 # --------------------------------------------------------------------------- FakeOrb
 
 
 class FakeOrb(OrbResources):
-    """A strict local Orb ``/v1/ingest`` + ``/v1/ping`` with fault injection.
+    """A strict local Orb (see the module docstring) with fault injection.
 
     ``with FakeOrb() as orb: ...`` starts it on a free loopback port; ``orb.url``
     is the API base (``http://127.0.0.1:PORT/v1``).
+
+    ``grace_period_hours`` is Orb's event reporting grace period, for live ingest and for
+    the grace boundary a backfill must end at. ``one_pending_backfill``: refuse any
+    backfill create while another backfill is pending or pending_revert (Orb's support
+    pages), instead of only an overlapping one of the same customer or an account-wide
+    one (Orb's client docstring). ``reflection_delay_requests``: a closed backfill stays
+    ``pending`` for this many further API requests before it is reflected (0: by the next
+    request). :meth:`configure` changes these and the rate limits of a running stand-in.
     """
 
     def __init__(
@@ -513,6 +609,8 @@ class FakeOrb(OrbResources):
         clock: Callable[[], datetime] | None = None,
         amend_cap: int = 100,
         rate_limit: RateLimit | None = None,
+        one_pending_backfill: bool = False,
+        reflection_delay_requests: int = 0,
     ) -> None:
         bind_host, family = self._loopback(host)
         self.host = bind_host
@@ -535,7 +633,11 @@ class FakeOrb(OrbResources):
         self.fail_keys: dict[str, str] = {}
         self.events_over_413: int | None = None
         self._script: collections.deque[dict[str, Any]] = collections.deque()
-        self._init_resources(amend_cap)
+        self._init_resources(
+            amend_cap,
+            one_pending_backfill=one_pending_backfill,
+            reflection_delay_requests=reflection_delay_requests,
+        )
 
         if not accept_all:
             _validator()  # fail fast if the vendored schema is missing or broken
@@ -617,6 +719,68 @@ class FakeOrb(OrbResources):
                 **self._resource_stats(),
             }
 
+    def configure(
+        self,
+        *,
+        grace_period_hours: float | None = None,
+        one_pending_backfill: bool | None = None,
+        reflection_delay_requests: int | None = None,
+        rate_limit: Any = _UNSET,
+    ) -> dict[str, Any]:
+        """Change the rules of a running stand-in (None: leave as is); returns
+        :meth:`settings`. ``rate_limit=None`` turns every rate limit off."""
+        if grace_period_hours is not None and (
+            isinstance(grace_period_hours, bool)
+            or not isinstance(grace_period_hours, int | float)
+            or not math.isfinite(grace_period_hours)
+            or grace_period_hours < 0
+        ):
+            raise ValueError(
+                f"grace_period_hours must be a non-negative number, got {grace_period_hours!r}"
+            )
+        if one_pending_backfill is not None and not isinstance(one_pending_backfill, bool):
+            raise ValueError(
+                f"one_pending_backfill must be a boolean, got {one_pending_backfill!r}"
+            )
+        if reflection_delay_requests is not None and (
+            isinstance(reflection_delay_requests, bool)
+            or not isinstance(reflection_delay_requests, int)
+            or reflection_delay_requests < 0
+        ):
+            raise ValueError(
+                "reflection_delay_requests must be a non-negative int, got "
+                f"{reflection_delay_requests!r}"
+            )
+        if rate_limit is not _UNSET and rate_limit is not None and not isinstance(
+            rate_limit, RateLimit
+        ):
+            raise ValueError(f"rate_limit must be a RateLimit or None, got {rate_limit!r}")
+        with self.lock:
+            if grace_period_hours is not None:
+                self.grace_period_hours = grace_period_hours
+            if one_pending_backfill is not None:
+                self.one_pending_backfill = one_pending_backfill
+            if reflection_delay_requests is not None:
+                self.reflection_delay_requests = reflection_delay_requests
+            if rate_limit is not _UNSET:
+                self.rate_limit = rate_limit
+        return self.settings()
+
+    def settings(self) -> dict[str, Any]:
+        """The rules in force: grace period (and the grace boundary it gives now),
+        backfill rules and rate limits (None: off)."""
+        with self.lock:
+            limit = self.rate_limit
+            return {
+                "grace_period_hours": self.grace_period_hours,
+                "grace_boundary": fmt_time(self.grace_boundary()),
+                "future_tolerance_seconds": self.future_tolerance_seconds,
+                "one_pending_backfill": self.one_pending_backfill,
+                "reflection_delay_requests": self.reflection_delay_requests,
+                "max_events_per_request": self.max_events_per_request,
+                "rate_limit": None if limit is None else limit.settings(),
+            }
+
     def reset(self) -> None:
         """Forget what was received: events, backfills, corrections, customer updates,
         idempotency keys, requests, counters, script and rules. The set-up stays: seeded
@@ -675,7 +839,37 @@ class FakeOrb(OrbResources):
     def _process(self, req: _Request) -> _Outcome:
         if req.path == "/_fake" or req.path.startswith("/_fake/"):
             return self._control(req)
-        self._tick()
+        outcome = self._process_api(req)
+        if outcome.status is not None and outcome.status >= 500:
+            # Orb's idempotency page: transient 5xx answers carry `Transient-Error: true`.
+            if not any(k.lower() == "transient-error" for k in outcome.headers):
+                outcome.headers = {**outcome.headers, "Transient-Error": "true"}
+        return outcome
+
+    def _rate_limited(self, req: _Request, record: dict[str, Any]) -> _Outcome | None:
+        """The write/read budget's 429 for an authorised non-ingest request, if over."""
+        limit = self.rate_limit
+        if limit is None or not record["authorization_ok"]:
+            return None
+        if req.method in ("GET", "HEAD"):
+            if limit.admit_read():
+                return None
+            detail = (
+                f"Rate limit exceeded: at most {limit.reads_per_second} read requests (GET) "
+                "per second"
+            )
+        else:
+            if limit.admit_write():
+                return None
+            detail = (
+                f"Rate limit exceeded: at most {limit.writes_per_second} write requests "
+                "(POST/PUT/PATCH/DELETE other than ingest) per second"
+            )
+        record["rate_limited"] = True
+        return _Outcome(429, error_body(429, detail=detail))
+
+    def _process_api(self, req: _Request) -> _Outcome:
+        self._tick(api_request=True)
         record: dict[str, Any] = {
             "method": req.method,
             "path": req.path,
@@ -688,7 +882,12 @@ class FakeOrb(OrbResources):
             "idempotency_header": req.headers.get("Idempotency-Key"),
             "idempotent_replayed": False,
         }
-        if req.path == "/v1/ping" and req.method in ("GET", "HEAD"):
+        limited = None
+        if not (req.path == "/v1/ingest" and req.method == "POST"):
+            limited = self._rate_limited(req, record)
+        if limited is not None:
+            outcome = limited
+        elif req.path == "/v1/ping" and req.method in ("GET", "HEAD"):
             if record["authorization_ok"]:
                 outcome = _Outcome(200, {"response": "pong"})
             else:
@@ -1033,6 +1232,30 @@ def _fake_control(fake: FakeOrb, req: _Request) -> _Outcome:
             return _control_response(200, [dict(r) for r in fake.requests])
     if route == ("GET", "/_fake/stats"):
         return _control_response(200, fake.stats())
+    if route == ("GET", "/_fake/settings"):
+        return _control_response(200, fake.settings())
+    if route == ("POST", "/_fake/settings"):
+        try:
+            data = json.loads((req.body or b"null").decode("utf-8") or "null")
+            allowed = {
+                "grace_period_hours", "one_pending_backfill", "reflection_delay_requests",
+                "rate_limit",
+            }
+            if not isinstance(data, dict) or not set(data) <= allowed:
+                raise ValueError(
+                    "expected an object with some of " + ", ".join(sorted(allowed))
+                    + ' (rate_limit: null, or {"events_per_window", "window_seconds", '
+                    '"requests_per_second", "writes_per_second", "reads_per_second"})'
+                )
+            kwargs = {k: v for k, v in data.items() if k != "rate_limit"}
+            if "rate_limit" in data:
+                limit = data["rate_limit"]
+                if limit is not None and not isinstance(limit, dict):
+                    raise ValueError("rate_limit must be null or an object")
+                kwargs["rate_limit"] = None if limit is None else RateLimit(**limit)
+            return _control_response(200, fake.configure(**kwargs))
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            return _control_response(400, {"ok": False, "error": str(exc)})
     if route == ("POST", "/_fake/reset"):
         fake.reset()
         return _control_response(200, {"ok": True})
@@ -1101,6 +1324,26 @@ def _summary(fake: FakeOrb) -> str:
                 f"  {c['id']}: {state}, {len(c['versions']) - 1} amendment(s); "
                 f"current {_compact(c['versions'][-1])}"
             )
+    invoices = fake.invoices()
+    if invoices:
+        lines.append(f"invoices: {len(invoices)}")
+        lines.extend(
+            f"  {inv['id']} {inv['status']} {inv['customer']['external_customer_id']} "
+            f"{inv['line_items'][0]['start_date']}..{inv['line_items'][0]['end_date']} "
+            f"invoice_date={inv['invoice_date']}"
+            for inv in invoices
+        )
+    issued = fake.issued_period_events()
+    if issued:
+        lines.append(
+            f"events a backfill brought into an issued invoice's period (Orb does not "
+            f"re-issue it): {len(issued)}"
+        )
+        lines.extend(
+            f"  {e['idempotency_key']} ({e['external_customer_id']}, {e['timestamp']}) "
+            f"backfill {e['backfill_id']} invoice {e['invoice_id']} {e['invoice_status']}"
+            for e in issued
+        )
     customers = fake.customers()
     if customers:
         lines.append(f"customers: {len(customers)} ({len(fake.customer_updates())} update(s))")
@@ -1180,7 +1423,7 @@ def _serve(fake: FakeOrb, max_seconds: float) -> int:
     print(fake.url, flush=True)
     print(
         f"fake-orb: serving Orb's ping, ingest, events/search, events/backfills, "
-        f"customers and event amend/deprecate at {fake.url} "
+        f"customers, event amend/deprecate and invoices at {fake.url} "
         f"(api key {fake.api_key!r}); control API at {fake.root_url}/_fake/; "
         "Ctrl-C to stop",
         file=sys.stderr,
@@ -1205,11 +1448,13 @@ def _parser() -> argparse.ArgumentParser:
         description="A strict local stand-in for Orb's API: GET /v1/ping, POST /v1/ingest "
         "(with ?backfill_id=), POST /v1/events/search, /v1/events/backfills "
         "(create/list/fetch/close/revert), GET/PUT /v1/customers/external_customer_id/ID, "
-        "PUT /v1/events/ID (amend) and PUT /v1/events/ID/deprecate, each validated against "
-        "Orb's spec; a request-level Idempotency-Key replays for 48 h. Control API (no key) "
-        "under /_fake/: events, requests, stats, reset, script, bad_keys, "
-        "413_if_events_over, clock, customers, customer_updates, billing_period, backfills, "
-        "corrections. Without COMMAND it serves until Ctrl-C/SIGTERM; "
+        "PUT /v1/events/ID (amend), PUT /v1/events/ID/deprecate, GET /v1/invoices and "
+        "GET /v1/invoices/ID, each validated against Orb's spec and documented rules "
+        "(target_orb/fake_orb_RULES.md); a request-level Idempotency-Key on POST/PATCH "
+        "replays for 48 h. Control API (no key) under /_fake/: events, requests, stats, "
+        "reset, script, bad_keys, 413_if_events_over, clock, customers, customer_updates, "
+        "billing_period, backfills, corrections, invoices, issued_period_events, settings. "
+        "Without COMMAND it serves until Ctrl-C/SIGTERM; "
         "with `-- COMMAND ...` it runs COMMAND with "
         "TARGET_ORB_API_URL and TARGET_ORB_API_KEY pointing at itself and exits with "
         "COMMAND's exit code.",
@@ -1218,7 +1463,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
     p.add_argument("--port", type=int, default=0, help="port (0: pick a free one)")
     p.add_argument("--api-key", default="test-orb-key")
-    p.add_argument("--grace-period-hours", type=float, default=12)
+    p.add_argument(
+        "--grace-period-hours", type=float, default=12, metavar="H",
+        help="Orb's event reporting grace period (default 12): live ingest takes events "
+        "from now - H on, and a backfill without deprecation_filter must end at or before "
+        "now - H (the grace boundary)",
+    )
+    p.add_argument(
+        "--one-pending-backfill", action="store_true",
+        help="refuse any backfill create while another backfill is pending or being "
+        "reflected (Orb's support pages), not only an overlapping one of the same customer "
+        "or an account-wide one (Orb's client docstring, the default)",
+    )
+    p.add_argument(
+        "--reflection-delay-requests", type=int, default=0, metavar="N",
+        help="a closed backfill stays pending for N more API requests before it is "
+        "reflected (default 0: by the next request)",
+    )
     p.add_argument("--future-tolerance-seconds", type=float, default=300)
     p.add_argument("--latency-ms", type=float, default=0, help="delay before each ingest answer")
     p.add_argument(
@@ -1238,6 +1499,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rate-limit-rps", type=int, metavar="N",
         help="at most N ingest requests per one-second window",
+    )
+    p.add_argument(
+        "--rate-limit-writes-per-second", type=int, metavar="N",
+        help="at most N write requests per one-second window: every POST/PUT/PATCH/DELETE "
+        "but ingest (search, backfills, amend, deprecate, customer updates), as Orb counts "
+        "them (live 50, test 5, trial 1); 429 without Retry-After beyond it",
+    )
+    p.add_argument(
+        "--rate-limit-reads-per-second", type=int, metavar="N",
+        help="at most N GET requests per one-second window (Orb: live 100, test 50, trial 10)",
+    )
+    p.add_argument(
+        "--invoice",
+        metavar="EXT,START,END[,STATUS[,INVOICE_DATE]]",
+        action="append",
+        default=[],
+        help="seed an invoice of customer EXT (created if unknown) for the service period "
+        "START..END (RFC 3339 or YYYY-MM-DD), STATUS draft|issued|paid|synced|void (default "
+        "issued), INVOICE_DATE default END (repeatable)",
     )
     p.add_argument("--events-out", metavar="FILE", help="write landed events as JSON lines")
     p.add_argument(
@@ -1294,17 +1574,43 @@ def main(argv: list[str] | None = None) -> int:
             amend_cap=args.amend_cap,
             rate_limit=(
                 RateLimit(
-                    events_per_window=args.rate_limit_events,
+                    events_per_window=args.rate_limit_events or None,
                     window_seconds=args.rate_limit_window_seconds,
-                    requests_per_second=args.rate_limit_rps,
+                    requests_per_second=args.rate_limit_rps or None,
+                    writes_per_second=args.rate_limit_writes_per_second,
+                    reads_per_second=args.rate_limit_reads_per_second,
                 )
-                if args.rate_limit_events or args.rate_limit_rps else None
+                if any(
+                    v is not None
+                    for v in (
+                        args.rate_limit_events or None,
+                        args.rate_limit_rps or None,
+                        args.rate_limit_writes_per_second,
+                        args.rate_limit_reads_per_second,
+                    )
+                )
+                else None
             ),
+            one_pending_backfill=args.one_pending_backfill,
+            reflection_delay_requests=args.reflection_delay_requests,
         )
         if args.now:
             fake.set_now(parse_datetime(args.now))
         for ext in args.customer:
             fake.add_customer(ext)
+        for spec in args.invoice:
+            parts = spec.split(",")
+            if not 3 <= len(parts) <= 5:
+                raise ValueError(
+                    f"--invoice {spec!r}: expected EXT,START,END[,STATUS[,INVOICE_DATE]]"
+                )
+            fake.add_invoice(
+                parts[0],
+                parse_when(parts[1]),
+                parse_when(parts[2]),
+                parts[3] if len(parts) > 3 and parts[3] else "issued",
+                parse_when(parts[4]) if len(parts) > 4 and parts[4] else None,
+            )
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     fake.start()

@@ -10,7 +10,10 @@ stand-in's clock and event store and serves, strictly after Orb's spec
   ``POST /v1/ingest?backfill_id=``;
 - ``GET``/``PUT /v1/customers/external_customer_id/{id}``;
 - ``PUT /v1/events/{event_id}`` (amend) and ``PUT /v1/events/{event_id}/deprecate``;
-- the request-level ``Idempotency-Key`` header on every POST/PUT.
+- ``GET /v1/invoices`` and ``GET /v1/invoices/{invoice_id}`` for seeded invoices;
+- the request-level ``Idempotency-Key`` header on POST/PATCH.
+
+Each rule's Orb source and test are in ``fake_orb_RULES.md`` beside this module.
 
 It imports nothing from ``target_orb`` except the stand-in's own modules.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +31,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from target_orb.fake_orb_common import (
+    DeprecationFilter,
+    FilterSyntaxError,
     _Outcome,
     _property_problem,
     _Request,
@@ -44,6 +50,8 @@ from target_orb.fake_orb_common import (
 #: Orb keeps a request-level Idempotency-Key for 48 hours (docs.withorb.com/reference/idempotency).
 IDEMPOTENCY_WINDOW = timedelta(hours=48)
 IDEMPOTENCY_KEY_MAX = 64
+#: The methods whose Idempotency-Key Orb honours (docs.withorb.com/reference/idempotency).
+IDEMPOTENT_METHODS = ("POST", "PATCH")
 #: Orb: "By default, Orb allows backfills up to 31 days in duration at a time."
 BACKFILL_MAX = timedelta(days=31)
 #: Orb: a backfill's close_time defaults to 1 day after its creation.
@@ -53,6 +61,19 @@ SEARCH_DEFAULT_LOOKBACK = timedelta(days=7)
 #: Orb: at most 100 events amended per customer in a 100-day period (by default).
 AMEND_WINDOW = timedelta(days=100)
 
+#: Invoice statuses (spec ``Invoice.status``); list default: issued, paid, synced.
+INVOICE_STATUSES = ("draft", "issued", "paid", "synced", "void")
+#: ``GET /v1/invoices`` query parameters the stand-in answers (spec, plus the official
+#: client's ``include_zero_quantity_line_items``) and those it refuses as not modelled.
+_INVOICE_QUERY = {
+    "status[]", "customer_id", "external_customer_id", "subscription_id", "limit", "cursor",
+    "invoice_date[gte]", "invoice_date[gt]", "invoice_date[lt]", "invoice_date[lte]",
+    "due_date", "due_date[gt]", "due_date[lt]", "amount", "amount[gt]", "amount[lt]",
+    "is_recurring", "include_zero_quantity_line_items",
+}
+_INVOICE_QUERY_UNMODELLED = {"due_date_window", "date_type"}
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_INVOICES = "/v1/invoices"
 _CUSTOMERS_PREFIX = "/v1/customers/external_customer_id/"
 _BACKFILLS = "/v1/events/backfills"
 _EVENTS_PREFIX = "/v1/events/"
@@ -87,6 +108,12 @@ class FakeOrbError(ValueError):
     """A Python-API call the stand-in refuses, with the detail Orb's answer would carry."""
 
 
+def _non_negative_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {value!r}")
+    return value
+
+
 def _month_start(when: datetime) -> datetime:
     return datetime(when.year, when.month, 1, tzinfo=timezone.utc)
 
@@ -113,6 +140,42 @@ def _aware(when: datetime, what: str) -> datetime:
     return when.astimezone(timezone.utc)
 
 
+def _unit_price(n: int, name: str, currency: str, created: str) -> dict[str, Any]:
+    """A ``UnitPrice`` (spec ``components.schemas.UnitPrice``) for a seeded line item."""
+    return {
+        "id": f"fake_price_{n}",
+        "name": name,
+        "model_type": "unit",
+        "unit_config": {"unit_amount": "0.00", "prorated": False},
+        "metadata": {},
+        "external_price_id": None,
+        "replaces_price_id": None,
+        "price_type": "usage_price",
+        "created_at": created,
+        "cadence": "monthly",
+        "billing_mode": "in_arrear",
+        "billing_cycle_configuration": {"duration": 1, "duration_unit": "month"},
+        "invoicing_cycle_configuration": None,
+        "billable_metric": {"id": "fake_metric_1"},
+        "dimensional_price_configuration": None,
+        "fixed_price_quantity": None,
+        "plan_phase_order": None,
+        "currency": currency,
+        "conversion_rate": None,
+        "conversion_rate_config": None,
+        "item": {"id": "fake_item_1", "name": name},
+        "credit_allocation": None,
+        "composite_price_filters": None,
+        "invoice_grouping_key": None,
+        "license_type": None,
+        "discount": None,
+        "minimum": None,
+        "minimum_amount": None,
+        "maximum": None,
+        "maximum_amount": None,
+    }
+
+
 class OrbResources:
     """Clock, event store, backfills, search, customers, amend/deprecate, idempotency."""
 
@@ -124,10 +187,25 @@ class OrbResources:
     landed: dict[str, dict[str, Any]]
     duplicates: int
 
-    def _init_resources(self, amend_cap: int) -> None:
+    def _init_resources(
+        self,
+        amend_cap: int,
+        *,
+        one_pending_backfill: bool = False,
+        reflection_delay_requests: int = 0,
+    ) -> None:
         if isinstance(amend_cap, bool) or not isinstance(amend_cap, int) or amend_cap < 0:
             raise ValueError(f"amend_cap must be a non-negative int, got {amend_cap!r}")
         self.amend_cap = amend_cap
+        self.one_pending_backfill = bool(one_pending_backfill)
+        self.reflection_delay_requests = _non_negative_int(
+            reflection_delay_requests, "reflection_delay_requests"
+        )
+        self._api_requests = 0  # authorised or not: what a reflection delay counts
+        self._invoices: dict[str, dict[str, Any]] = {}
+        self._invoice_seq = 0
+        self._issued_period_events: list[dict[str, Any]] = []
+        self.unevaluated_deprecation_filters = 0
         self._fixed_now: datetime | None = None
         self._clock_offset = timedelta(0)
         self._records: list[_Record] = []
@@ -158,6 +236,8 @@ class OrbResources:
             self._customer_updates.clear()
             self._amend_log.clear()
             self._idempotency.clear()
+            self._issued_period_events.clear()
+            self.unevaluated_deprecation_filters = 0
             for ext, seed in self._customer_seeds.items():
                 self._customers[ext]["metadata"] = dict(seed)
 
@@ -191,15 +271,31 @@ class OrbResources:
                 self._clock_offset += delta
             return self.now()
 
-    def _tick(self) -> None:
-        """Let time act: auto-close backfills past close_time, finish pending reverts."""
+    def _tick(self, *, api_request: bool = False) -> None:
+        """Let time act: reflect backfills past close_time, finish pending reverts.
+
+        ``api_request``: called for an Orb API request, which a reflection delay counts.
+        """
         now = self.now()
         with self.lock:
+            if api_request:
+                self._api_requests += 1
             for bf in self._backfills.values():
                 if bf["status"] == "pending" and bf["_close"] <= now:
-                    self._reflect(bf)
+                    if self._reflection_due(bf):
+                        self._reflect(bf)
                 elif bf["status"] == "pending_revert":
                     self._finish_revert(bf, now)
+
+    def _reflection_due(self, bf: dict[str, Any]) -> bool:
+        """A closed backfill (close_time reached) is reflected at once, or, with
+        ``reflection_delay_requests`` N, stays ``pending`` while N more API requests
+        arrive (Orb reflects asynchronously: the spec's close answer is still pending)."""
+        if self.reflection_delay_requests == 0:
+            return True
+        if bf.get("_closed_at_request") is None:
+            bf["_closed_at_request"] = self._api_requests
+        return self._api_requests - bf["_closed_at_request"] > self.reflection_delay_requests
 
     # ------------------------------------------------------------------ event store
 
@@ -207,6 +303,19 @@ class OrbResources:
         """Make ``ev`` an event Orb holds (caller holds the lock)."""
         self._seq += 1
         rec = _Record(self._seq, ev["idempotency_key"], ev, backfill_id)
+        if backfill_id is None:
+            # Orb 4.90 (backfills.py `create`): with a deprecation_filter, "Matching events
+            # that arrive later with timestamps inside the timeframe will also be
+            # deprecated." Events arriving before the backfill is reflected are deprecated
+            # when it is (see _reflect); these arrive after.
+            for bf in self._backfills.values():
+                if (
+                    bf["status"] == "reflected"
+                    and bf["deprecation_filter"] is not None
+                    and self._deprecated_by(bf, ev)
+                ):
+                    rec.deprecated = f"backfill:{bf['id']}"
+                    break
         self._records.append(rec)
         self._by_key.setdefault(rec.key, []).append(rec)
         self.landed.setdefault(rec.key, ev)
@@ -243,7 +352,20 @@ class OrbResources:
             ]
 
     def _resource_stats(self) -> dict[str, Any]:
-        return {"double_billed": self.double_billed}
+        return {
+            "double_billed": self.double_billed,
+            "events_in_issued_periods": len(self._issued_period_events),
+            "unevaluated_deprecation_filters": self.unevaluated_deprecation_filters,
+        }
+
+    def issued_period_events(self) -> list[dict[str, Any]]:
+        """Events a reflected backfill brought into a period whose invoice was already
+        issued, paid or synced (Orb does not change such an invoice): ``backfill_id``,
+        ``idempotency_key``, ``timestamp``, ``invoice_id``, ``invoice_status``,
+        ``external_customer_id``; in reflection order."""
+        self._tick()
+        with self.lock:
+            return [dict(e) for e in self._issued_period_events]
 
     def _deprecated_key_error(self, key: str | None) -> str | None:
         if key is None:
@@ -398,6 +520,288 @@ class OrbResources:
             "refuses corrections in a closed period: it needs a credit note or an Orb backfill."
         )
 
+    # ------------------------------------------------------------------ invoices
+
+    def add_invoice(
+        self,
+        external_customer_id: str,
+        period_start: datetime,
+        period_end: datetime,
+        status: str = "issued",
+        invoice_date: datetime | None = None,
+        *,
+        amount: str = "0.00",
+        currency: str = "USD",
+        quantity: float = 0.0,
+        name: str = "Usage",
+    ) -> dict[str, Any]:
+        """Seed an invoice of this customer for the service period [period_start,
+        period_end) (one line item carries it as ``start_date``/``end_date``);
+        ``invoice_date`` defaults to ``period_end``. An unknown customer is created first
+        (in Orb an invoice always has one). Returns the ``Invoice`` object."""
+        if status not in INVOICE_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(INVOICE_STATUSES)}, got {status!r}")
+        start, end = _aware(period_start, "period_start"), _aware(period_end, "period_end")
+        if not start < end:
+            raise ValueError(f"period_start {period_start} must be before period_end {period_end}")
+        when = end if invoice_date is None else _aware(invoice_date, "invoice_date")
+        if not isinstance(amount, str) or not isinstance(currency, str):
+            raise ValueError("amount and currency must be strings (Orb sends amounts as strings)")
+        with self.lock:
+            if external_customer_id not in self._customers:
+                self.add_customer(external_customer_id)
+            cust = self._customers[external_customer_id]
+            self._invoice_seq += 1
+            n = self._invoice_seq
+            inv_id = f"fake_inv_{n}"
+            created = fmt_time(self.now())
+            self._invoices[inv_id] = {
+                "id": inv_id,
+                "invoice_number": f"FAKE-{n:05d}",
+                "status": status,
+                "customer": {
+                    "id": cust["id"],
+                    "external_customer_id": cust["external_customer_id"],
+                },
+                "invoice_date": fmt_time(when),
+                "due_date": fmt_time(when),
+                "created_at": created,
+                "currency": currency,
+                "amount_due": amount,
+                "subtotal": amount,
+                "total": amount,
+                "metadata": {},
+                "voided_at": None,
+                "paid_at": None,
+                "issued_at": None,
+                "scheduled_issue_at": None,
+                "auto_collection": {
+                    "enabled": False,
+                    "next_attempt_at": None,
+                    "num_attempts": None,
+                    "previously_attempted_at": None,
+                },
+                "issue_failed_at": None,
+                "sync_failed_at": None,
+                "payment_failed_at": None,
+                "payment_started_at": None,
+                "invoice_pdf": None,
+                "subscription": None,
+                "customer_balance_transactions": [],
+                "invoice_source": "subscription",
+                "shipping_address": None,
+                "billing_address": None,
+                "hosted_invoice_url": None,
+                "will_auto_issue": False,
+                "eligible_to_issue_at": None,
+                "customer_tax_id": None,
+                "memo": None,
+                "credit_notes": [],
+                "payment_attempts": [],
+                "discount": None,
+                "discounts": [],
+                "minimum": None,
+                "minimum_amount": None,
+                "maximum": None,
+                "maximum_amount": None,
+                "hidden_line_item_count": 0,
+                "line_items": [
+                    {
+                        "id": f"fake_li_{n}",
+                        "name": name,
+                        "amount": amount,
+                        "subtotal": amount,
+                        "adjusted_subtotal": amount,
+                        "credits_applied": "0.00",
+                        "partially_invoiced_amount": "0.00",
+                        "quantity": quantity,
+                        "start_date": fmt_time(start),
+                        "end_date": fmt_time(end),
+                        "grouping": None,
+                        "filter": None,
+                        "adjustments": [],
+                        "sub_line_items": [],
+                        "tax_amounts": [],
+                        "usage_customer_ids": None,
+                        "price": _unit_price(n, name, currency, created),
+                    }
+                ],
+            }
+            self._set_invoice_status(self._invoices[inv_id], status)
+            return self._invoice_view(self._invoices[inv_id])
+
+    def set_invoice_status(self, invoice_id: str, status: str) -> dict[str, Any]:
+        """Move a seeded invoice to ``status`` (e.g. issue a draft); returns it."""
+        if status not in INVOICE_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(INVOICE_STATUSES)}, got {status!r}")
+        with self.lock:
+            inv = self._invoices.get(invoice_id)
+            if inv is None:
+                raise KeyError(invoice_id)
+            self._set_invoice_status(inv, status)
+            return self._invoice_view(inv)
+
+    def _set_invoice_status(self, inv: dict[str, Any], status: str) -> None:
+        inv["status"] = status
+        issued = status in ("issued", "paid", "synced")
+        inv["issued_at"] = inv["invoice_date"] if issued else None
+        inv["paid_at"] = inv["invoice_date"] if status == "paid" else None
+        inv["voided_at"] = fmt_time(self.now()) if status == "void" else None
+        inv["scheduled_issue_at"] = inv["invoice_date"] if status == "draft" else None
+        inv["eligible_to_issue_at"] = inv["invoice_date"] if status == "draft" else None
+
+    @staticmethod
+    def _invoice_view(inv: dict[str, Any]) -> dict[str, Any]:
+        return json.loads(json.dumps(inv))  # a deep copy: callers cannot change the seed
+
+    def invoices(self) -> list[dict[str, Any]]:
+        """Every seeded invoice (any status), in the order they were added."""
+        with self.lock:
+            return [self._invoice_view(i) for i in self._invoices.values()]
+
+    def invoice(self, invoice_id: str) -> dict[str, Any] | None:
+        with self.lock:
+            inv = self._invoices.get(invoice_id)
+            return None if inv is None else self._invoice_view(inv)
+
+    def _issued_invoice_for(self, ev: dict[str, Any]) -> dict[str, Any] | None:
+        """An issued/paid/synced invoice of ``ev``'s customer whose line items' service
+        period holds its timestamp (caller holds the lock)."""
+        if not self._invoices:
+            return None
+        try:
+            when = parse_event_timestamp(ev["timestamp"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        who = self._who(ev)
+        for inv in self._invoices.values():
+            if inv["status"] not in ("issued", "paid", "synced"):
+                continue
+            owner = (inv["customer"]["id"], inv["customer"]["external_customer_id"])
+            if not self._same_customer(owner, who):
+                continue
+            for li in inv["line_items"]:
+                if parse_datetime(li["start_date"]) <= when < parse_datetime(li["end_date"]):
+                    return inv
+        return None
+
+    def _http_list_invoices(self, req: _Request) -> _Outcome:
+        """``GET /v1/invoices`` (spec ``paths./invoices.get``), with the query the official
+        client sends: arrays as ``status[]=a&status[]=b``, comparisons as ``name[op]``."""
+        query = parse_qs(req.query, keep_blank_values=True)
+        unknown = sorted(set(query) - _INVOICE_QUERY - _INVOICE_QUERY_UNMODELLED)
+        if unknown:
+            return validation_failed([f"unknown query parameter(s): {', '.join(unknown)}"])
+        unmodelled = sorted(set(query) & _INVOICE_QUERY_UNMODELLED)
+        if query.get("date_type") == ["invoice_date"]:
+            unmodelled.remove("date_type")  # Orb's default: nothing to do
+        if unmodelled:
+            return validation_failed(
+                [f"query parameter(s) {', '.join(unmodelled)}: not modelled by the stand-in"]
+            )
+        if any(len(v) > 1 for k, v in query.items() if k != "status[]"):
+            return validation_failed(["each query parameter but status[] may be given once"])
+        one = {k: v[0] for k, v in query.items() if k != "status[]"}
+        errors: list[str] = []
+        statuses = query.get("status[]") or ["issued", "paid", "synced"]
+        for st in statuses:
+            if st not in INVOICE_STATUSES:
+                errors.append(f"status[]: {st!r} is not one of {', '.join(INVOICE_STATUSES)}")
+        raw_limit = one.get("limit", "20")
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+            errors.append(f"limit must be an integer from 1 to 100, got {raw_limit!r}")
+        bounds: dict[str, datetime] = {}
+        for op in ("gte", "gt", "lt", "lte"):
+            name = f"invoice_date[{op}]"
+            if name in one:
+                try:
+                    bounds[op] = parse_datetime(one[name])
+                except ValueError as exc:
+                    errors.append(f"{name}: {exc}")
+        due: dict[str, str] = {}
+        for name, op in (("due_date", "eq"), ("due_date[gt]", "gt"), ("due_date[lt]", "lt")):
+            if name in one:
+                if not _DATE_RE.match(one[name]):
+                    errors.append(f"{name}: {one[name]!r} is not a date (YYYY-MM-DD)")
+                due[op] = one[name]
+        amounts: dict[str, float] = {}
+        for name, op in (("amount", "eq"), ("amount[gt]", "gt"), ("amount[lt]", "lt")):
+            if name in one:
+                try:
+                    amounts[op] = float(one[name])
+                except ValueError:
+                    errors.append(f"{name}: {one[name]!r} is not an amount")
+        flags: dict[str, bool] = {}
+        for name in ("is_recurring", "include_zero_quantity_line_items"):
+            if name in one:
+                if one[name] not in ("true", "false"):
+                    errors.append(f"{name} must be true or false, got {one[name]!r}")
+                flags[name] = one[name] == "true"
+        if errors:
+            return validation_failed(errors)
+
+        def keep(inv: dict[str, Any]) -> bool:
+            when = parse_datetime(inv["invoice_date"])
+            day = inv["due_date"][:10] if inv["due_date"] else None
+            amount = float(inv["amount_due"])
+            return (
+                inv["status"] in statuses
+                and one.get("customer_id", inv["customer"]["id"]) == inv["customer"]["id"]
+                and one.get("external_customer_id", inv["customer"]["external_customer_id"])
+                == inv["customer"]["external_customer_id"]
+                and ("subscription_id" not in one or (inv["subscription"] or {}).get("id")
+                     == one["subscription_id"])
+                and ("gte" not in bounds or when >= bounds["gte"])
+                and ("gt" not in bounds or when > bounds["gt"])
+                and ("lt" not in bounds or when < bounds["lt"])
+                and ("lte" not in bounds or when <= bounds["lte"])
+                and ("eq" not in due or day == due["eq"])
+                and ("gt" not in due or (day is not None and day > due["gt"]))
+                and ("lt" not in due or (day is not None and day < due["lt"]))
+                and ("eq" not in amounts or amount == amounts["eq"])
+                and ("gt" not in amounts or amount > amounts["gt"])
+                and ("lt" not in amounts or amount < amounts["lt"])
+                and (
+                    "is_recurring" not in flags
+                    or (inv["invoice_source"] == "subscription") == flags["is_recurring"]
+                )
+            )
+
+        with self.lock:
+            # Orb: "ordered starting from the most recently issued invoice date".
+            items = sorted(
+                (self._invoice_view(i) for i in self._invoices.values() if keep(i)),
+                key=lambda i: (i["invoice_date"], int(i["id"].rsplit("_", 1)[1])),
+                reverse=True,
+            )
+        if flags.get("include_zero_quantity_line_items") is False:
+            for inv in items:
+                inv["line_items"] = [li for li in inv["line_items"] if li["quantity"] != 0]
+        cursor = one.get("cursor")
+        if cursor is not None:
+            ids = [i["id"] for i in items]
+            if cursor not in ids:
+                return validation_failed([f"cursor {cursor!r} is not a cursor this list gave"])
+            items = items[ids.index(cursor) + 1 :]
+        limit = int(raw_limit)
+        page, more = items[:limit], len(items) > limit
+        return _Outcome(
+            200,
+            {
+                "data": page,
+                "pagination_metadata": {
+                    "has_more": more,
+                    "next_cursor": page[-1]["id"] if more else None,
+                },
+            },
+        )
+
+    def _http_invoice(self, invoice_id: str) -> _Outcome:
+        inv = self.invoice(invoice_id)
+        if inv is None:
+            return resource_not_found(f"No invoice with id {invoice_id!r}")
+        return _Outcome(200, inv)
+
     # ------------------------------------------------------------------ backfills
 
     def _backfill_view(self, bf: dict[str, Any]) -> dict[str, Any]:
@@ -434,6 +838,7 @@ class OrbResources:
         customer_id: str | None = None,
         external_customer_id: str | None = None,
         replace_existing_events: bool = True,
+        deprecation_filter: str | None = None,
     ) -> dict[str, Any]:
         """Create a backfill as a person or another tool would (same rules as the API).
 
@@ -454,11 +859,19 @@ class OrbResources:
             body["customer_id"] = customer_id
         if external_customer_id is not None:
             body["external_customer_id"] = external_customer_id
+        if deprecation_filter is not None:
+            body["deprecation_filter"] = deprecation_filter
         self._tick()
         result = self._new_backfill(body)
         if isinstance(result, _Outcome):
             raise FakeOrbError(result.body["detail"])
         return result
+
+    def grace_boundary(self) -> datetime:
+        """Orb's event reporting grace boundary now: the stand-in's clock minus the grace
+        period. Live ingest takes events from here on; a backfill without
+        ``deprecation_filter`` must end at or before it."""
+        return self.now() - timedelta(hours=self.grace_period_hours)
 
     def _new_backfill(self, body: Any) -> dict[str, Any] | _Outcome:
         errors = schema_errors("NewBackfill", body)
@@ -472,13 +885,26 @@ class OrbResources:
             )
         except ValueError as exc:
             return validation_failed([str(exc)])
-        if body.get("deprecation_filter") is not None:
-            return validation_failed(
-                [
-                    "deprecation_filter: the stand-in does not model Orb's computed-property "
-                    "filters; leave it out"
-                ]
-            )
+        replace = body.get("replace_existing_events", True)
+        text = body.get("deprecation_filter")
+        dep_filter: DeprecationFilter | None = None
+        if text is not None:
+            # Orb (backfills.py `create`, NewBackfill): the filter narrows which existing
+            # events a *replacing* backfill deprecates. On a non-replacing backfill it
+            # would deprecate nothing; Orb does not say what it does there (assumption).
+            if not text.strip():
+                return validation_failed(["deprecation_filter must not be empty"])
+            if not replace:
+                return validation_failed(
+                    [
+                        "deprecation_filter selects the existing events a replacing backfill "
+                        "deprecates; it needs replace_existing_events true"
+                    ]
+                )
+            try:
+                dep_filter = DeprecationFilter.parse(text)
+            except FilterSyntaxError:
+                dep_filter = None  # stored; deprecates every event in scope (assumption)
         if not start < end:
             return validation_failed(
                 [
@@ -503,6 +929,26 @@ class OrbResources:
             return validation_failed(
                 [f"close_time {body['close_time']} is not in the future ({fmt_time(now)})"]
             )
+        # Orb 4.90, backfills.py `create`: "When `deprecation_filter` is provided, the
+        # timeframe may extend to `now` rather than the event reporting grace boundary."
+        boundary = now - timedelta(hours=self.grace_period_hours)
+        if text is None and end > boundary:
+            return validation_failed(
+                [
+                    f"timeframe_end {fmt_time(end)} is past the event reporting grace boundary "
+                    f"{fmt_time(boundary)} (now {fmt_time(now)} minus the grace period of "
+                    f"{self.grace_period_hours:g} h): a backfill without deprecation_filter "
+                    "must end at or before the grace boundary. End it there; newer events "
+                    "are ingested live."
+                ]
+            )
+        if text is not None and end > now:
+            return validation_failed(
+                [
+                    f"timeframe_end {fmt_time(end)} is after now ({fmt_time(now)}): with "
+                    "deprecation_filter a backfill's timeframe may extend to now, no further"
+                ]
+            )
         with self.lock:
             scope: tuple[str | None, str | None] = (None, None)
             if cid is not None or ext is not None:
@@ -515,20 +961,14 @@ class OrbResources:
                         "add_customer)"
                     )
                 scope = (cust["id"], cust["external_customer_id"])
-            for other in self._backfills.values():
-                if other["status"] not in ("pending", "pending_revert"):
-                    continue
-                if start < other["_end"] and other["_start"] < end:
-                    return constraint_violation(
-                        f"The timeframe {fmt_time(start)} to {fmt_time(end)} overlaps backfill "
-                        f"{other['id']} ({other['timeframe_start']} to {other['timeframe_end']}, "
-                        f"status {other['status']}, closes at {other['close_time']}). Orb allows "
-                        "no two pending backfills with overlapping timeframes: close or revert "
-                        f"{other['id']}, or wait until it is reflected, then retry."
-                    )
+            refusal = self._backfill_conflict(start, end, scope)
+            if refusal is not None:
+                return refusal
             self._backfill_seq += 1
             bf_id = f"fake_bf_{self._backfill_seq}"
             close = close or now + BACKFILL_DEFAULT_CLOSE
+            if text is not None and dep_filter is None:
+                self.unevaluated_deprecation_filters += 1
             bf = {
                 "id": bf_id,
                 "status": "pending",
@@ -538,16 +978,63 @@ class OrbResources:
                 "close_time": fmt_time(close),
                 "reverted_at": None,
                 "customer_id": scope[0],
-                "replace_existing_events": body.get("replace_existing_events", True),
-                "deprecation_filter": None,
+                "replace_existing_events": replace,
+                "deprecation_filter": text,
                 "_start": start,
                 "_end": end,
                 "_close": close,
                 "_scope": scope,
+                "_filter": dep_filter,
                 "_events": {},
             }
             self._backfills[bf_id] = bf
             return self._backfill_view(bf)
+
+    @staticmethod
+    def _scope_text(bf: dict[str, Any]) -> str:
+        scope = bf["_scope"]
+        if scope == (None, None):
+            return "account-wide"
+        return f"scoped to external_customer_id {scope[1]!r}"
+
+    def _backfill_conflict(
+        self, start: datetime, end: datetime, scope: tuple[str | None, str | None]
+    ) -> _Outcome | None:
+        """The refusal of a new backfill that a pending one blocks (caller holds the lock).
+
+        Orb 4.90 (backfills.py `create`): "A backfill may not overlap in timeframe with
+        another backfill in a pending or pending_revert state for the same customer, or with
+        any account-wide backfill in one of those states. Backfills scoped to different
+        customers may have overlapping timeframes." With ``one_pending_backfill`` (Orb's
+        support pages: a new backfill cannot be created while another is still being
+        reflected), any pending or pending_revert backfill blocks any create.
+        """
+        for other in self._backfills.values():
+            if other["status"] not in ("pending", "pending_revert"):
+                continue
+            where = (
+                f"{other['timeframe_start']} to {other['timeframe_end']}, "
+                f"{self._scope_text(other)}, status {other['status']}, "
+                f"closes at {other['close_time']}"
+            )
+            if self.one_pending_backfill:
+                return constraint_violation(
+                    f"Backfill {other['id']} ({where}) is still pending: a new backfill cannot "
+                    "be created while another is pending or being reflected (this stand-in "
+                    "runs with one pending backfill per account). Close or revert "
+                    f"{other['id']}, wait until it is reflected, then retry."
+                )
+            if not (start < other["_end"] and other["_start"] < end):
+                continue
+            account_wide = other["_scope"] == (None, None) or scope == (None, None)
+            if account_wide or other["_scope"][0] == scope[0]:
+                return constraint_violation(
+                    f"The timeframe {fmt_time(start)} to {fmt_time(end)} overlaps backfill "
+                    f"{other['id']} ({where}). Orb allows no backfill to overlap a pending or "
+                    "pending_revert backfill of the same customer or an account-wide one: "
+                    f"close or revert {other['id']}, or wait until it is reflected, then retry."
+                )
+        return None
 
     def _in_backfill(self, bf: dict[str, Any], ev: dict[str, Any]) -> bool:
         try:
@@ -558,13 +1045,23 @@ class OrbResources:
             return False
         return bf["_scope"] == (None, None) or self._same_customer(bf["_scope"], self._who(ev))
 
+    def _deprecated_by(self, bf: dict[str, Any], ev: dict[str, Any]) -> bool:
+        """Whether replacing backfill ``bf`` deprecates existing event ``ev``: in its
+        timeframe and scope and, with a ``deprecation_filter``, matching it."""
+        if not bf["replace_existing_events"] or not self._in_backfill(bf, ev):
+            return False
+        dep_filter = bf.get("_filter")
+        if dep_filter is None:
+            return True  # no filter, or one the stand-in cannot read (assumption A4)
+        props = ev.get("properties")
+        return dep_filter.matches(props if isinstance(props, dict) else {})
+
     def _reflect(self, bf: dict[str, Any]) -> None:
         """Close time reached: the backfill's events become Orb's (caller holds the lock)."""
         bf["status"] = "reflected"
-        if bf["replace_existing_events"]:
-            for rec in self._records:
-                if rec.deprecated is None and self._in_backfill(bf, rec.current):
-                    rec.deprecated = f"backfill:{bf['id']}"
+        for rec in self._records:
+            if rec.deprecated is None and self._deprecated_by(bf, rec.current):
+                rec.deprecated = f"backfill:{bf['id']}"
         for ev in bf["_events"].values():
             already = bool(self._active(ev["idempotency_key"]))
             rec = self._hold(ev, bf["id"])
@@ -572,6 +1069,20 @@ class OrbResources:
                 # Undocumented in Orb; the stand-in assumes the worst: a second billed copy.
                 rec.double_billed = True
                 self.double_billed += 1
+            invoice = self._issued_invoice_for(ev)
+            if invoice is not None:
+                # Orb's support docs: a closed backfill updates draft invoices only; an
+                # issued invoice keeps its values. Recorded so tests can see it happen.
+                self._issued_period_events.append(
+                    {
+                        "backfill_id": bf["id"],
+                        "idempotency_key": rec.key,
+                        "timestamp": ev.get("timestamp"),
+                        "invoice_id": invoice["id"],
+                        "invoice_status": invoice["status"],
+                        "external_customer_id": invoice["customer"]["external_customer_id"],
+                    }
+                )
 
     def _finish_revert(self, bf: dict[str, Any], now: datetime) -> None:
         tag = f"backfill:{bf['id']}"
@@ -643,11 +1154,16 @@ class OrbResources:
         record: dict[str, Any],
         handler: Callable[[_Request, dict[str, Any]], _Outcome],
     ) -> _Outcome:
-        """Orb's request-level ``Idempotency-Key`` on POST/PUT: a replay of the same
+        """Orb's request-level ``Idempotency-Key`` on POST/PATCH: a replay of the same
         request within 48 h gets the stored answer (``Idempotent-Replayed: true``); the
-        same key on another request, or while the first still runs, gets a 409."""
+        same key on another request, or while the first still runs, gets a 409.
+
+        Orb's idempotency page (docs.withorb.com/reference/idempotency) names POST and
+        PATCH only; on PUT (amend, deprecate, customer update, which Orb's spec calls
+        idempotent by design) and GET the header is ignored, although the official client
+        sends one on every non-GET request (``_base_client.py``)."""
         key = req.headers.get("Idempotency-Key")
-        if key is None or req.method not in ("POST", "PUT", "PATCH"):
+        if key is None or req.method not in IDEMPOTENT_METHODS:
             return handler(req, record)
         if not record["authorization_ok"]:
             return handler(req, record)  # the 401 comes from the handler, never stored
@@ -739,7 +1255,7 @@ class OrbResources:
     def _resource_request(self, req: _Request, record: dict[str, Any]) -> _Outcome:
         """Every authorised route besides ping and ingest."""
         if not record["authorization_ok"]:
-            known = req.path.startswith(("/v1/events/", "/v1/customers/"))
+            known = req.path.startswith(("/v1/events/", "/v1/customers/", _INVOICES))
             if known:
                 return _Outcome(401, error_body(401, detail="Missing or invalid API key"))
             return url_not_found(req.method, req.path)
@@ -761,6 +1277,13 @@ class OrbResources:
                     if refusal is None and body not in (None, {}):
                         refusal = validation_failed([f"{rest[1]} takes no request body"])
                 return refusal or self._http_backfill_action(unquote(rest[0]), rest[1])
+            return url_not_found(method, path)
+        if path == _INVOICES and method == "GET":
+            return self._http_list_invoices(req)
+        if path.startswith(_INVOICES + "/") and method == "GET":
+            inv_id = path[len(_INVOICES) + 1 :]
+            if inv_id and "/" not in inv_id:
+                return self._no_query(req) or self._http_invoice(unquote(inv_id))
             return url_not_found(method, path)
         if path.startswith(_CUSTOMERS_PREFIX) and method in ("GET", "PUT"):
             raw = path[len(_CUSTOMERS_PREFIX) :]
@@ -906,9 +1429,11 @@ class OrbResources:
                         "be closed"
                     )
                 # Reflection is asynchronous in Orb: the status turns `reflected` by the
-                # stand-in's next request (or Python read).
+                # stand-in's next request (or Python read), or reflection_delay_requests
+                # requests later.
                 bf["_close"] = now
                 bf["close_time"] = fmt_time(now)
+                bf["_closed_at_request"] = self._api_requests
             elif action == "revert":
                 if bf["status"] == "pending":
                     bf["status"] = "reverted"
@@ -1178,6 +1703,37 @@ class OrbResources:
                 return _Outcome(200, self.create_backfill(**data))
             if route == ("GET", "/_fake/corrections"):
                 return _Outcome(200, self.corrections())
+            if route == ("GET", "/_fake/invoices"):
+                return _Outcome(200, self.invoices())
+            if route == ("POST", "/_fake/invoices"):
+                data = _control_json(req)
+                fields = {
+                    "external_customer_id", "period_start", "period_end", "status",
+                    "invoice_date", "amount", "currency", "quantity", "name",
+                }
+                if not isinstance(data, dict) or not set(data) <= fields or not {
+                    "external_customer_id", "period_start", "period_end"
+                } <= set(data):
+                    raise ValueError(
+                        'expected {"external_customer_id": ID, "period_start": ISO, '
+                        '"period_end": ISO, "status": "issued", "invoice_date": ISO, "amount", '
+                        '"currency", "quantity", "name"}'
+                    )
+                for name in ("period_start", "period_end", "invoice_date"):
+                    if data.get(name) is not None:
+                        data[name] = parse_when(data[name])
+                return _Outcome(200, self.add_invoice(**data))
+            if req.method == "POST" and route[1].startswith("/_fake/invoices/"):
+                inv_id = unquote(route[1][len("/_fake/invoices/") :])
+                data = _control_json(req)
+                if not isinstance(data, dict) or set(data) != {"status"}:
+                    raise ValueError('expected {"status": "draft|issued|paid|synced|void"}')
+                try:
+                    return _Outcome(200, self.set_invoice_status(inv_id, data["status"]))
+                except KeyError:
+                    return _Outcome(404, {"ok": False, "error": f"no invoice {inv_id!r}"})
+            if route == ("GET", "/_fake/issued_period_events"):
+                return _Outcome(200, self.issued_period_events())
         except (ValueError, TypeError, UnicodeDecodeError) as exc:
             return _Outcome(400, {"ok": False, "error": str(exc)})
         return None
@@ -1185,6 +1741,14 @@ class OrbResources:
     def _clock_view(self) -> dict[str, Any]:
         with self.lock:
             return {"now": fmt_time(self.now()), "frozen": self._fixed_now is not None}
+
+
+def parse_when(value: Any) -> datetime:
+    """An RFC 3339 date-time, or a bare ``YYYY-MM-DD`` (midnight UTC), for set-up input
+    (CLI flags and control routes; Orb's own routes take date-times only)."""
+    if isinstance(value, str) and _DATE_RE.match(value):
+        return parse_datetime(value + "T00:00:00Z")
+    return parse_datetime(value)
 
 
 def _control_json(req: _Request) -> Any:

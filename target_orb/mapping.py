@@ -49,7 +49,7 @@ class Invalid:
 class Mapped:
     """A valid Orb event; `key_derived` when the key is a content hash (source had none);
     `late` when, under `late_event_policy: backfill`, it must go through an Orb backfill
-    instead of live `/ingest` (see `BACKFILL_SAFETY_MARGIN`).
+    instead of live `/ingest` (see `backfill_threshold`).
 
     Not frozen: frozen dataclasses cost about a microsecond per instance on this hot path.
     """
@@ -410,31 +410,27 @@ def _idempotency_key(value: t.Any) -> str | None:
     return key
 
 
-# Under `late_event_policy: backfill`, an event goes to a backfill once it is older than
-# now - grace + this margin, not only once it is past the grace period: an event near the
-# boundary can age past it while its live request waits in the queue or is retried (the
-# default `max_retry_seconds` is 10 min), and the host clock may run behind Orb's. 30 min
-# covers both; an event Orb still rejects as too old is routed to a backfill anyway
-# (target_orb/backfill.py). Loading an event through a backfill is never wrong, only slower
-# to show up in Orb (at the backfill's close).
-BACKFILL_SAFETY_MARGIN = datetime.timedelta(minutes=30)
-
-_WINDOW_CACHE: list[t.Any] = [None, None, None]
-
-
 def backfill_threshold(now: datetime.datetime, grace_period_hours: float) -> datetime.datetime:
-    """Events older than this go through a backfill under `late_event_policy: backfill`.
+    """Events older than this are late: under `late_event_policy: backfill` they go through
+    an Orb backfill instead of live `/ingest`.
+
+    Exactly Orb's grace boundary by this machine's clock (now - grace period), with no
+    margin in either direction: an event newer than the boundary cannot go into a backfill
+    (a backfill's timeframe ends at or before it, orb-billing `events/backfills.py`), and an
+    event that ages past it while its live request waits is refused by Orb as too old and
+    then routed to a backfill once the boundary has passed it (target_orb/backfill.py).
 
     Args:
         now: The current time (aware UTC).
         grace_period_hours: The account's grace period.
 
     Returns:
-        now - grace + `BACKFILL_SAFETY_MARGIN`, never later than `now`.
+        now - grace.
     """
-    return min(
-        now, now - datetime.timedelta(hours=grace_period_hours) + BACKFILL_SAFETY_MARGIN
-    )
+    return now - datetime.timedelta(hours=grace_period_hours)
+
+
+_WINDOW_CACHE: list[t.Any] = [None, None, None]
 
 
 def _window(
@@ -446,10 +442,7 @@ def _window(
     cache = _WINDOW_CACHE
     if cache[0] is now and cache[1] is spec:
         return cache[2]
-    if spec.late_event_policy == "backfill":
-        oldest = backfill_threshold(now, spec.grace_period_hours)
-    else:
-        oldest = now - datetime.timedelta(hours=spec.grace_period_hours)
+    oldest = backfill_threshold(now, spec.grace_period_hours)
     bounds = (oldest, now + datetime.timedelta(seconds=spec.future_tolerance_seconds))
     cache[0], cache[1], cache[2] = now, spec, bounds
     return bounds

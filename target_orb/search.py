@@ -43,7 +43,8 @@ def search_existing(
 
     Each call carries at most 500 distinct keys and the given timeframe, goes through
     `deliverer.request` (ingest's retry rules and time budget) and draws from `limiter`
-    (Orb counts searches as reads, docs.withorb.com/api-reference/rate-limits).
+    (Orb's rate-limit page counts every POST/PUT/PATCH/DELETE but ingest as a write, search
+    included).
 
     Args:
         client: The Orb client.
@@ -51,7 +52,7 @@ def search_existing(
         keys: Idempotency keys (duplicates are looked up once).
         timeframe_start: Inclusive; must cover the events' timestamps.
         timeframe_end: Exclusive; must be after every event's timestamp.
-        limiter: The read budget (the runtime's `read_limiter`).
+        limiter: The writes budget (the runtime's `write_limiter`).
         on_request: Called once per search call made (for counters).
 
     Returns:

@@ -31,6 +31,7 @@ RecordPreset = t.Literal["segment", "segment_warehouse"]
 NestedPolicy = t.Literal["flatten", "json_string", "drop", "reject"]
 InvalidPolicy = t.Literal["dead_letter", "skip", "fail"]
 LatePolicy = t.Literal["reject", "send", "backfill"]
+IssuedPolicy = t.Literal["backfill", "dead_letter", "fail"]
 IdentifyPolicy = t.Literal["skip", "customer_metadata"]
 LoadMethod = t.Literal["append-only", "upsert", "overwrite"]
 
@@ -307,6 +308,18 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         default=12,
     ),
     _prop(
+        "issued_period_policy",
+        th.StringType,
+        "Issued period policy",
+        "Under `late_event_policy: backfill`: late events of a customer whose invoice for "
+        "that period Orb has already issued (Orb does not change or re-issue an issued "
+        "invoice): `backfill` (load them so usage is right, and report them per customer and "
+        "window), `dead_letter` (do not load; dead-letter them naming the invoice), or "
+        "`fail` (stop the run). See README \"Loading history\".",
+        default="backfill",
+        allowed_values=list(t.get_args(IssuedPolicy)),
+    ),
+    _prop(
         "future_tolerance_seconds",
         th.IntegerType(minimum=0),
         "Future tolerance seconds",
@@ -400,20 +413,28 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "corrections: a key Orb already holds with an equal body is not sent, one with a "
         "different body is amended (`PUT /v1/events/{key}`), a record with `_sdc_deleted_at` "
         "is deprecated when `deprecate_deleted_events` is true; what Orb acknowledged is kept "
-        "in the ledger at `ledger_url`. `overwrite` is refused (a replacing backfill is a "
+        "in the ledger at `state_url`. `overwrite` is refused (a replacing backfill is a "
         "separate, deliberate operation in Orb). See README \"Corrections\".",
         default="append-only",
         allowed_values=list(t.get_args(LoadMethod)),
     ),
     _prop(
+        "state_url",
+        th.StringType,
+        "State URL",
+        "SQLAlchemy URL of target-orb's own store: the ledger of what Orb acknowledged (key → "
+        "body digest; under `load_method: upsert`, and under `late_event_policy: backfill` "
+        "the keys target-orb delivered, never re-sent into a backfill). Default: the SQLite "
+        "file `target-orb-ledger.sqlite` in the folder of `dead_letter_path`. Use "
+        "`postgresql://…` (extra `target-orb[postgres]`) in containers or when several jobs "
+        "share one Orb account; use one store per Orb account.",
+        secret=True,
+    ),
+    _prop(
         "ledger_url",
         th.StringType,
-        "Ledger URL",
-        "Under `load_method: upsert`: SQLAlchemy URL of the ledger of what Orb acknowledged "
-        "(key → body digest). Default: the SQLite file `target-orb-ledger.sqlite` in the "
-        "folder of `dead_letter_path`. Use `postgresql://…` (extra `target-orb[postgres]`) "
-        "in containers or when several jobs share one Orb account; use one ledger per Orb "
-        "account.",
+        "Ledger URL (deprecated)",
+        "The earlier name of `state_url`; still accepted, with a deprecation warning.",
         secret=True,
     ),
     _prop(
@@ -623,6 +644,11 @@ def _mapping_problems(name: str, mapping: t.Any) -> list[str]:
     if empty:
         problems.append(f"`{name}` maps {sorted(empty)} to an empty Orb key.")
     return problems
+
+
+def state_url(config: t.Mapping[str, t.Any], default: str) -> str:
+    """The store's URL: `state_url`, else its earlier name `ledger_url`, else `default`."""
+    return str(config.get("state_url") or config.get("ledger_url") or default)
 
 
 def load_method(config: t.Mapping[str, t.Any]) -> str:

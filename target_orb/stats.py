@@ -37,6 +37,12 @@ class RunStats:
         self.late_events = 0  # late events read (mapped, routed to backfills)
         self.late_rerouted = 0  # live events Orb rejected as too old, routed to backfills
         self.already_in_orb = 0  # late events whose key Orb already held (not sent)
+        self.already_delivered = 0  # late events target-orb delivered before (the store)
+        self.late_held = 0  # late events held until the grace boundary had passed them
+        # (customer, window, invoice, action) → late events in a period Orb already invoiced
+        self.issued_period_events: collections.Counter[tuple[str, str, str, str]] = (
+            collections.Counter()
+        )
         self.events_backfilled = 0  # events Orb acknowledged into a backfill
         self.backfills_created = 0
         self.backfills: list[dict[str, t.Any]] = []  # every backfill the run created
@@ -94,8 +100,14 @@ class RunStats:
             "late_events": self.late_events,
             "late_rerouted": self.late_rerouted,
             "already_in_orb": self.already_in_orb,
+            "already_delivered": self.already_delivered,
+            "late_held": self.late_held,
             "events_backfilled": self.events_backfilled,
             "backfills": list(self.backfills),
+            "issued_periods": [
+                {"customer": c, "window": w, "invoice": i, "action": a, "events": n}
+                for (c, w, i, a), n in sorted(self.issued_period_events.items())
+            ],
         }
         if self.backfill_plan:
             out["backfill_plan"] = list(self.backfill_plan)
@@ -153,7 +165,19 @@ class RunStats:
                 "rejected as too old) -> backfills",
             )
             lines.append(f"  already in Orb:        {self.already_in_orb} (not sent again)")
+            if self.already_delivered:
+                lines.append(
+                    f"  already delivered:     {self.already_delivered} (by target-orb before; "
+                    "not sent again)",
+                )
             lines.append(f"  events backfilled:     {self.events_backfilled}")
+            for (customer, window, invoice, action), n in sorted(
+                self.issued_period_events.items()
+            ):
+                lines.append(
+                    f"  issued period:         {n} events of customer {customer} in {window}, "
+                    f"invoice {invoice} already issued: {action} (Orb does not re-bill it)",
+                )
             for row in self.backfills:
                 lines.append(
                     f"  backfill {row['id']}: {row['timeframe_start']}..{row['timeframe_end']}"

@@ -46,6 +46,7 @@ from target_orb.settings import (
     build_delivery_settings,
     build_mapping_spec,
     load_method,
+    state_url,
 )
 from target_orb.settings import config_problems as cross_field_problems
 from target_orb.sinks import OrbSink
@@ -101,10 +102,11 @@ class _Runtime:
         # ends every retry wait (ingest and other calls) at once.
         self.abort = threading.Event()
         self.ingest_limiter: RateLimiter | None = None
-        # Orb budgets each kind of call separately (docs.withorb.com/api-reference/rate-limits):
-        # writes (backfill create/close, customer updates, amend/deprecate) and reads (search).
+        # Orb budgets each kind of call separately (Orb's rate-limit page): ingest; writes,
+        # which are every POST/PUT/PATCH/DELETE but ingest (search, backfill create/close,
+        # customer updates, amend/deprecate); and reads (GET: backfill list/fetch, invoices).
         # Each paces itself to what Orb allows once Orb answers 429 (target_orb.ratelimit).
-        self.write_limiter = RateLimiter(name="other writes", unit="requests")
+        self.write_limiter = RateLimiter(name="writes", unit="requests")
         self.read_limiter = RateLimiter(name="reads", unit="requests")
         if not s.dry_run:
             self.client = OrbClient(
@@ -141,6 +143,13 @@ class _Runtime:
             progress_interval=s.progress_interval_seconds,
         )
         self._summarized = False
+        # target-orb's own store (`state_url`): the corrections ledger under upsert, and the
+        # keys target-orb delivered under `late_event_policy: backfill`.
+        self.ledger: Ledger | None = None
+        if self.client is not None and (
+            load_method(config) == "upsert" or self.spec.late_event_policy == "backfill"
+        ):
+            self.ledger = Ledger(state_url(config, ledger_default_url(s.dead_letter_path)))
         self.backfills: BackfillManager | None = None
         if self.spec.late_event_policy == "backfill":
             self.backfills = BackfillManager(
@@ -153,20 +162,20 @@ class _Runtime:
                 read_limiter=self.read_limiter,
                 grace_period_hours=self.spec.grace_period_hours,
                 max_retry_seconds=s.max_retry_seconds,
+                ledger=self.ledger,
+                issued_policy=str(config.get("issued_period_policy") or "backfill"),
                 aborted=self.abort.is_set,
             )
         # `load_method: upsert` (README "Corrections"); None keeps append-only untouched.
         self.corrections: Upserter | None = None
-        self.ledger: Ledger | None = None
-        if load_method(config) == "upsert" and self.client is not None and deliverer is not None:
-            self.ledger = Ledger(config.get("ledger_url") or ledger_default_url(s.dead_letter_path))
+        if (
+            load_method(config) == "upsert" and self.ledger is not None
+            and self.client is not None and deliverer is not None
+        ):
             self.corrections = Upserter(
                 spec=self.spec,
                 ledger=self.ledger,
-                port=LiveOrbPort(
-                    self.client, deliverer,
-                    write_limiter=self.write_limiter, read_limiter=self.read_limiter,
-                ),
+                port=LiveOrbPort(self.client, deliverer, write_limiter=self.write_limiter),
                 pipeline=self.pipeline,
                 deprecate_deleted_events=bool(config.get("deprecate_deleted_events")),
                 aborted=lambda: self.pipeline.error is not None,
@@ -240,12 +249,17 @@ class _Runtime:
         problem = self.dead_letters.check_writable()
         if problem is not None:
             raise OrbFatalError(problem + " Nothing was read or sent.")
+        if self.settings_config.get("ledger_url") and not self.settings_config.get("state_url"):
+            self.logger.warning(
+                "`ledger_url` is the earlier name of `state_url`; it still works, but rename "
+                "it to `state_url` (TARGET_ORB_STATE_URL)."
+            )
         if self.ledger is not None:
             self.ledger.open()
             self.logger.info(
-                "load_method upsert: corrections ledger at %s.", ledger_describe(self.ledger.url)
+                "target-orb's store (`state_url`): %s.", ledger_describe(self.ledger.url)
             )
-            if self.ledger.created:
+            if self.ledger.created and self.corrections is not None:
                 self.logger.warning(
                     "The corrections ledger is new (%s): keys it does not know are looked up "
                     "in Orb, whose search cannot see events that were already amended. If "

@@ -641,8 +641,9 @@ class _BatchRun:
 
 
 class LiveOrbPort:
-    """`OrbPort` over the real client: searches draw from the read budget, amendments and
-    deprecations from Orb's "other writes" budget, all with ingest's retry rules."""
+    """`OrbPort` over the real client: searches, amendments and deprecations draw from Orb's
+    writes budget (every POST/PUT/PATCH/DELETE but ingest, Orb's rate-limit page), all with
+    ingest's retry rules."""
 
     def __init__(
         self,
@@ -650,7 +651,6 @@ class LiveOrbPort:
         deliverer: Deliverer,
         *,
         write_limiter: Limiter,
-        read_limiter: Limiter,
     ) -> None:
         """Wire the calls.
 
@@ -658,12 +658,10 @@ class LiveOrbPort:
             client: The Orb client.
             deliverer: Retries (and ingest).
             write_limiter: The runtime's `write_limiter`.
-            read_limiter: The runtime's `read_limiter`.
         """
         self._client = client
         self._deliverer = deliverer
         self._write = write_limiter
-        self._read = read_limiter
 
     def search(
         self, keys: list[str], start: datetime.datetime, end: datetime.datetime
@@ -673,7 +671,7 @@ class LiveOrbPort:
 
         return search_existing(
             self._client, self._deliverer, keys,
-            timeframe_start=start, timeframe_end=end, limiter=self._read,
+            timeframe_start=start, timeframe_end=end, limiter=self._write,
         )
 
     def deliver(self, events: list[dict[str, t.Any]]) -> DeliveryResult:

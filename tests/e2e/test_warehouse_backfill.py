@@ -35,13 +35,37 @@ if t.TYPE_CHECKING:
     from tests.e2e.meltano_harness import MeltanoProject
     from tests.e2e.postgres import Database, PostgresServer
 
-GRACE = dt.timedelta(hours=12)
-MARGIN = dt.timedelta(minutes=30)  # README "Loading history": backfilled when older than
-# now - grace_period_hours + 30 min
+GRACE = dt.timedelta(hours=12)  # README "Loading history": late when older than now - grace
 
 
 def goes_to_backfill(row: wh.Row, now: dt.datetime) -> bool:
-    return row.timestamp < now - GRACE + MARGIN
+    return row.timestamp < now - GRACE
+
+
+def invoiced_customer(sc: wh.Scenario) -> tuple[str, dt.datetime, dt.datetime]:
+    """A customer with late rows last month, and last month: the stand-in marks that
+    customer's invoice for it issued (Orb does not re-bill it; issued_period_policy)."""
+    this_month = sc.now.astimezone(dt.timezone.utc).replace(
+        day=1, hour=0, minute=0, second=0, microsecond=0
+    )
+    last_month = (this_month - dt.timedelta(days=1)).replace(day=1)
+    for row in sc.rows:
+        if row.outcome == "event" and goes_to_backfill(row, sc.now) and (
+            last_month <= row.timestamp < this_month
+        ) and row.id not in _preexisting_keys(sc):
+            assert row.event is not None
+            return row.event["external_customer_id"], last_month, this_month
+    raise AssertionError("the scenario has no late row of last month")
+
+
+def issued_rows(sc: wh.Scenario) -> list[wh.Row]:
+    customer, start, end = invoiced_customer(sc)
+    return [
+        r for r in sc.rows
+        if r.outcome == "event" and goes_to_backfill(r, sc.now) and start <= r.timestamp < end
+        and r.event is not None and r.event["external_customer_id"] == customer
+        and r.id not in _preexisting_keys(sc)
+    ]
 
 
 def month_window(when: dt.datetime) -> tuple[str, str]:
@@ -116,6 +140,8 @@ def runs(
 ) -> t.Iterator[Runs]:
     with FakeOrb() as orb:  # Orb's default 12 h grace period
         wh.seed_orb(orb, scenario.preexisting)
+        customer, last_month, this_month = invoiced_customer(scenario)
+        orb.add_invoice(customer, last_month, this_month, status="issued")
         before = {e["idempotency_key"]: wh.comparable(e) for e in orb.events()}
         # meltano.yml's own target-orb-warehouse settings: nothing overridden but where to.
         pipeline = WarehousePipeline(
@@ -225,11 +251,17 @@ def test_first_run_bills_exactly_every_landing_row_once(runs: Runs, scenario: wh
 def test_history_went_through_one_closed_non_replacing_backfill_per_month(
     runs: Runs, scenario: wh.Scenario
 ) -> None:
-    want = expected_backfills(scenario)
-    got = {(bf["timeframe_start"], bf["timeframe_end"]): bf for bf in runs.first.backfills}
+    want = {start: events for (start, _), events in expected_backfills(scenario).items()}
+    ends = {start: end for start, end in expected_backfills(scenario)}
+    got = {bf["timeframe_start"]: bf for bf in runs.first.backfills}
     assert sorted(got) == sorted(want)
     assert len(got) >= 2
     for window, bf in got.items():
+        # A month wholly past the grace boundary is the calendar month; this month's backfill
+        # ends at the boundary of its creation (orb-billing events/backfills.py, create).
+        end = dt.datetime.fromisoformat(bf["timeframe_end"].replace("Z", "+00:00"))
+        created = dt.datetime.fromisoformat(bf["created_at"].replace("Z", "+00:00"))
+        assert bf["timeframe_end"] == ends[window] or end <= created - GRACE, bf
         assert bf["status"] == "reflected", bf  # closed by the run, nothing pending
         assert bf["replace_existing_events"] is False
         assert bf["customer_id"] is None  # unscoped, and additive
@@ -241,6 +273,18 @@ def test_history_went_through_one_closed_non_replacing_backfill_per_month(
     listed = {b["id"]: b for b in runs.first.metrics["backfills"]}
     assert set(listed) == {bf["id"] for bf in runs.first.backfills}
     assert runs.first.metrics["events_backfilled"] == sum(len(v) for v in want.values())
+
+
+def test_last_months_issued_invoice_is_reported_per_customer_not_silently_loaded(
+    runs: Runs, scenario: wh.Scenario
+) -> None:
+    customer, _, _ = invoiced_customer(scenario)
+    rows = runs.first.metrics["issued_periods"]
+    assert [(r["customer"], r["action"]) for r in rows] == [(customer, "loaded")]
+    assert rows[0]["events"] == len(issued_rows(scenario)) >= 1
+    assert "already issued" in runs.first.result.stderr
+    assert runs.first.stats["events_in_issued_periods"] == len(issued_rows(scenario))
+    assert runs.second.metrics.get("issued_periods", []) == []  # nothing new: nothing to report
 
 
 def test_fresh_rows_went_live_never_into_a_backfill(runs: Runs, scenario: wh.Scenario) -> None:
@@ -353,7 +397,11 @@ def test_full_refresh_replay_lands_nothing_and_creates_no_backfill(
     late_keys = {
         r.id for r in scenario.rows if r.outcome == "event" and goes_to_backfill(r, scenario.now)
     }
-    assert runs.replay.metrics["already_in_orb"] == len(late_keys)
+    # Keys target-orb delivered are known to its store (state_url); the pre-existing ones are
+    # found by search.
+    replay = runs.replay.metrics
+    assert replay["already_in_orb"] + replay["already_delivered"] == len(late_keys)
+    assert replay["already_in_orb"] == len(late_keys & _preexisting_keys(scenario))
     assert runs.replay.metrics.get("events_backfilled", 0) == 0
     assert runs.replay.metrics.get("backfills", []) == []
     # Fresh keys were sent live again; Orb counted each as a duplicate.

@@ -80,7 +80,8 @@ def test_create_scoped_and_explicit(orb: FakeOrb, api: Api) -> None:
         ({"timeframe_start": W_START}, "timeframe_end"),
         (window(extra=1), "extra"),
         (window(replace_existing_events="false"), "replace_existing_events"),
-        (window(deprecation_filter="n > 1"), "deprecation_filter"),
+        (window(deprecation_filter="n > 1", replace_existing_events=False), "replace"),
+        (window(deprecation_filter=" "), "deprecation_filter"),
         ({"timeframe_start": W_END, "timeframe_end": W_START}, "before"),
         ({"timeframe_start": W_START, "timeframe_end": W_START}, "before"),
         (
@@ -126,10 +127,11 @@ def test_overlap_with_a_pending_backfill_is_refused_naming_it(orb: FakeOrb, api:
     # Touching windows do not overlap (end is exclusive).
     resp = api.create_backfill(timeframe_start=W_END, timeframe_end=ts(NOW - DAY))
     assert resp.status_code == 200, resp.text
-    # Scope does not matter: Orb allows no overlapping pending backfills at all.
+    # An account-wide pending backfill blocks every customer's overlapping backfill.
     orb.add_customer("acct_9")
     resp = api.create_backfill(**window(external_customer_id="acct_9"))
     assert resp.status_code == 400
+    assert "account-wide" in resp.json()["detail"]
     # Once reflected (or reverted) it no longer blocks.
     assert api.post(f"/events/backfills/{first['id']}/close").status_code == 200
     assert orb.backfill(first["id"])["status"] == "reflected"

@@ -220,9 +220,11 @@ def test_deprecate(orb: FakeOrb, api: Api, held: list[dict[str, Any]]) -> None:
     assert resp.status_code == 400
     (item,) = resp.json()["validation_errors"]
     assert item["idempotency_key"] == "b" and "deprecated" in item["validation_errors"][0]
-    bf = orb.create_backfill(ts(NOW - 2 * DAY), ts(NOW + DAY), replace_existing_events=False)
+    # (A deprecation_filter lets the backfill's timeframe reach now, past the grace boundary.)
+    bf = orb.create_backfill(ts(NOW - 2 * DAY), ts(NOW), deprecation_filter="n = 0")
     resp = api.ingest([held[1]], params={"backfill_id": bf["id"]})
     assert resp.status_code == 400
+    assert "deprecated" in resp.json()["validation_errors"][0]["validation_errors"][0]
     assert orb.corrections()[0]["deprecated"] == "api"
     # deprecate takes no body; an empty object is tolerated
     assert deprecate(api, "a", json={"reason": "x"}).status_code == 400
@@ -233,7 +235,7 @@ def test_deprecate(orb: FakeOrb, api: Api, held: list[dict[str, Any]]) -> None:
 
 def test_events_in_a_pending_backfill_cannot_be_corrected(orb: FakeOrb, api: Api) -> None:
     orb.add_customer("acct_1")
-    bf = orb.create_backfill(ts(NOW - 2 * DAY), ts(NOW), replace_existing_events=False)
+    bf = orb.create_backfill(ts(NOW - 2 * DAY), ago(hours=12), replace_existing_events=False)
     ev = event("p", timestamp=ago(hours=20))
     assert api.ingest([ev], params={"backfill_id": bf["id"]}).status_code == 200
     assert amend(api, "p", amended(ev)).status_code == 404

@@ -131,12 +131,14 @@ def test_request_shape_and_auth(orb: FakeOrb, api: Api) -> None:
     assert api.get(path("acct_1"), params={"expand": "x"}).status_code == 400
     assert requests.get(orb.url + path("acct_1"), timeout=5).status_code == 401
     assert api.post(path("acct_1"), {}).status_code == 404  # GET and PUT only
+    # Orb honours Idempotency-Key on POST/PATCH only: a PUT is processed every time.
     hdr = {"Idempotency-Key": "put-1"}
     first = api.put(path("acct_1"), {"metadata": {"a": "1"}}, headers=hdr)
-    again = api.put(path("acct_1"), {"metadata": {"a": "1"}}, headers=hdr)
-    assert again.headers["Idempotent-Replayed"] == "true"
-    assert again.json() == first.json()
-    assert len(orb.customer_updates()) == 1
+    again = api.put(path("acct_1"), {"metadata": {"a": "2"}}, headers=hdr)
+    assert first.status_code == again.status_code == 200
+    assert "Idempotent-Replayed" not in again.headers
+    assert again.json()["metadata"]["a"] == "2"
+    assert len(orb.customer_updates()) == 2
 
 
 def test_control_api_for_customers(orb: FakeOrb, api: Api) -> None:

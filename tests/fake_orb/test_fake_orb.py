@@ -720,6 +720,8 @@ def test_reset_clears_everything(orb: FakeOrb, http: requests.Session) -> None:
         "duplicates": 0,
         "key_send_counts": {},
         "double_billed": 0,
+        "events_in_issued_periods": 0,
+        "unevaluated_deprecation_filters": 0,
     }
     assert orb.pending_faults == 0
     assert ingest(http, orb, [event()]).status_code == 200
@@ -759,6 +761,8 @@ def test_control_api(orb: FakeOrb, http: requests.Session) -> None:
             "duplicates": 0,
             "key_send_counts": {"k1": 2, "poison": 1, "a": 1, "b": 1},
             "double_billed": 0,
+            "events_in_issued_periods": 0,
+            "unevaluated_deprecation_filters": 0,
         }
 
         assert plain.post(f"{ctl}/script", json=[{"status": 200}]).status_code == 400

@@ -75,13 +75,17 @@ def parse(value: str) -> datetime.datetime:
 
 
 def assert_backfills_sound(orb: FakeOrb) -> list[dict]:
-    """Every backfill: non-replacing, unscoped, whole UTC days, at most 31 days, not pending."""
+    """Every backfill: non-replacing, unscoped, from a UTC midnight to a UTC midnight or to the
+    grace boundary at its creation (orb-billing events/backfills.py), at most 31 days, not
+    pending."""
     backfills = orb.backfills()
+    grace = datetime.timedelta(hours=orb.grace_period_hours)
     for bf in backfills:
         start, end = parse(bf["timeframe_start"]), parse(bf["timeframe_end"])
         assert bf["replace_existing_events"] is False
         assert bf["customer_id"] is None
-        assert start.time() == end.time() == datetime.time(0)
+        assert start.time() == datetime.time(0)
+        assert end.time() == datetime.time(0) or end <= parse(bf["created_at"]) - grace, bf
         assert end - start <= 31 * DAY
         assert bf["status"] == "reflected", bf
     return backfills
@@ -128,7 +132,7 @@ def test_forty_days_land_once_through_closed_non_replacing_backfills(capture_orb
     # An event Orb already bills, loaded earlier by someone through a closed backfill.
     day = ago(2 * DAY)[:10]
     earlier = track(9000, timestamp=f"{day}T00:00:01Z")
-    pre = orb.create_backfill(f"{day}T00:00:00Z", f"{ago(0 * DAY)[:10]}T00:00:00Z",
+    pre = orb.create_backfill(f"{day}T00:00:00Z", f"{ago(1 * DAY)[:10]}T00:00:00Z",
                               replace_existing_events=False)["id"]
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {API_KEY}"
@@ -194,8 +198,19 @@ def test_a_replay_lands_nothing_new_and_counts_already_in_orb(orb, tmp_path):
     assert orb.stats()["double_billed"] == 0
     assert orb.backfills() == backfills, "a replay creates no backfill"
     assert orb.ingest_requests() == []
-    assert f"already in Orb:        {len(records)}" in second.stderr
+    # The store at state_url (default: beside the dead-letter file) knows every key: no
+    # search, nothing sent.
+    assert f"already delivered:     {len(records)}" in second.stderr
+    assert not [r for r in orb.requests if r["path"] == "/v1/events/search"]
     assert [s["bookmarks"]["tracks"]["seq"] for s in second.states] == [len(records)]
+
+    # With a new, empty store, Orb's search finds them all.
+    fresh_store = dict(config, state_url=f"sqlite:///{tmp_path / 'fresh.sqlite'}")
+    third = run_target(fresh_store, singer_lines(records), tmp_path / "three")
+    assert third.returncode == 0, third.stderr
+    assert billed(orb) == before and orb.ingest_requests() == []
+    assert orb.backfills() == backfills
+    assert f"already in Orb:        {len(records)}" in third.stderr
 
 
 @pytest.mark.parametrize("fault", ["503", "reset_after"])

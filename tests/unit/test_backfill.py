@@ -30,7 +30,7 @@ from target_orb.backfill import (
 )
 from target_orb.delivery import Deliverer, Response, TransportError
 from target_orb.errors import OrbFatalError
-from target_orb.mapping import BACKFILL_SAFETY_MARGIN, Invalid, Mapped, map_record
+from target_orb.mapping import Invalid, Mapped, map_record
 from target_orb.search import search_existing
 from target_orb.settings import build_mapping_spec, config_problems
 from target_orb.stats import RunStats
@@ -74,6 +74,10 @@ class ScriptedOrb:
         self.calls: list[tuple[str, str, t.Any, t.Any, t.Any]] = []
         self.faults: list[tuple[str, str, t.Any]] = []  # (method, path prefix, fault)
         self.reflect_after_fetches = 0
+        self.grace = datetime.timedelta(hours=12)
+        self.one_pending = False  # Orb's support pages: one backfill pending at a time
+        self.invoices: list[dict[str, t.Any]] = []
+        self.invoice_page = 2
         self._fetches: Counter[str] = Counter()
         self.lock = threading.Lock()
         self._n = 0
@@ -125,6 +129,15 @@ class ScriptedOrb:
         }
         self.backfill_events[bid] = {}
         return bid
+
+    def add_invoice(self, customer: str, start, end, *, status="issued", number="INV-1"):
+        self._n += 1
+        self.invoices.append({
+            "id": f"inv_{self._n}", "invoice_number": number, "status": status,
+            "invoice_date": ts(end),
+            "customer": {"id": f"cus_{customer}", "external_customer_id": customer},
+            "line_items": [{"id": f"li_{self._n}", "start_date": ts(start), "end_date": ts(end)}],
+        })
 
     def settle(self) -> None:
         """Orb finishes reflecting every closed backfill (asynchronous in Orb)."""
@@ -198,6 +211,19 @@ class ScriptedOrb:
                 if shown["status"] == "closing":
                     shown["status"] = "pending"
                 return self._ok(shown)
+        if method == "GET" and path == "/invoices":
+            statuses = params["status[]"]
+            since = parse(params["invoice_date[gte]"])
+            matching = [
+                i for i in self.invoices
+                if i["status"] in statuses and parse(i["invoice_date"]) >= since
+            ]
+            offset = int(params.get("cursor") or 0)
+            page = matching[offset:offset + self.invoice_page]
+            more = offset + self.invoice_page < len(matching)
+            return self._ok({"data": page, "pagination_metadata": {
+                "has_more": more, "next_cursor": str(offset + self.invoice_page) if more else None,
+            }})
         if method == "POST" and path == "/events/search":
             ids = body["event_ids"]
             assert 1 <= len(ids) <= 500
@@ -227,6 +253,12 @@ class ScriptedOrb:
         start, end = parse(body["timeframe_start"]), parse(body["timeframe_end"])
         if end - start > datetime.timedelta(days=31):
             return self._err(400, "backfills may span at most 31 days")
+        if end > self.now - self.grace and not body.get("deprecation_filter"):
+            return self._err(400, "timeframe_end is after the grace boundary")
+        if self.one_pending:
+            for other in self.backfills.values():
+                if other["status"] in ("pending", "pending_revert", "closing"):
+                    return self._err(400, f"backfill {other['id']} is still pending")
         for other in self.backfills.values():
             if other["status"] in ("pending", "pending_revert", "closing") and (
                 start < parse(other["timeframe_end"]) and parse(other["timeframe_start"]) < end
@@ -242,7 +274,7 @@ class ScriptedOrb:
         bid = (params or {}).get("backfill_id")
         events = body["events"]
         if bid is None:
-            oldest = self.now - datetime.timedelta(hours=12)
+            oldest = self.now - self.grace
             bad = [
                 {"idempotency_key": e["idempotency_key"],
                  "validation_errors": ["timestamp is older than the grace period; use a backfill"]}
@@ -295,8 +327,20 @@ class Clock:
         return False
 
 
-def make_manager(orb: ScriptedOrb, tmp_path, *, dry_run=False, stats=None, budget=30.0):
+def make_manager(
+    orb: ScriptedOrb, tmp_path, *, dry_run=False, stats=None, budget=30.0, orb_clock=False,
+    **options: t.Any,
+):
+    """A manager over `orb`; `orb_clock`: waits also advance Orb's (and the manager's) now."""
     clock = Clock()
+    if orb_clock:
+        plain_sleep = clock.sleep
+
+        def sleep_both(seconds: float) -> bool:
+            orb.now += datetime.timedelta(seconds=seconds)
+            return plain_sleep(seconds)
+
+        clock.sleep = sleep_both  # type: ignore[method-assign]
 
     def deliverer(send):
         return Deliverer(send, url=API + "/ingest", max_retry_seconds=budget, clock=clock,
@@ -316,6 +360,7 @@ def make_manager(orb: ScriptedOrb, tmp_path, *, dry_run=False, stats=None, budge
         now=lambda: orb.now,
         sleep=clock.sleep,
         monotonic=clock,
+        **options,
     )
     manager.start()
     return manager
@@ -379,21 +424,22 @@ def test_backfill_is_accepted_by_the_settings():
     assert config_problems(config) == []
 
 
-def test_under_backfill_a_late_event_is_valid_and_flagged_late_with_the_safety_margin():
+def test_under_backfill_an_event_is_late_exactly_past_the_grace_boundary():
+    # No margin: an event still inside the grace period goes live (a backfill could not hold
+    # it: its timeframe ends at or before now - grace, orb-billing events/backfills.py).
     s = spec(late_event_policy="backfill")
     grace = datetime.timedelta(hours=12)
-    margin = BACKFILL_SAFETY_MARGIN
+    second = datetime.timedelta(seconds=1)
     old = map_record(record_at(NOW - datetime.timedelta(days=3)), "s", s, NOW)
     assert isinstance(old, Mapped) and old.late
-    near = map_record(record_at(NOW - grace + margin - datetime.timedelta(seconds=1)), "s", s, NOW)
-    assert isinstance(near, Mapped) and near.late, "inside the margin goes to a backfill"
-    fresh = map_record(record_at(NOW - grace + margin + datetime.timedelta(seconds=1)), "s", s, NOW)
-    assert isinstance(fresh, Mapped) and not fresh.late
-    # `reject` keeps the exact grace boundary.
-    r = map_record(record_at(NOW - grace + margin - datetime.timedelta(seconds=1)), "r", spec(),
-                   NOW)
+    just_past = map_record(record_at(NOW - grace - second), "s", s, NOW)
+    assert isinstance(just_past, Mapped) and just_past.late
+    inside = map_record(record_at(NOW - grace + second), "s", s, NOW)
+    assert isinstance(inside, Mapped) and not inside.late, "inside the grace period goes live"
+    # `reject` keeps the same boundary.
+    r = map_record(record_at(NOW - grace + second), "r", spec(), NOW)
     assert isinstance(r, Mapped) and not r.late
-    assert isinstance(map_record(record_at(NOW - grace * 2), "r", spec(), NOW), Invalid)
+    assert isinstance(map_record(record_at(NOW - grace - second), "r", spec(), NOW), Invalid)
 
 
 def test_backfill_threshold_never_passes_now_with_a_zero_grace_period():
