@@ -418,3 +418,24 @@ def test_deadletter_console_script_refuses_a_foreign_file_clearly(tmp_path):
     help_text = subprocess.run([cmd[0], "--help"], capture_output=True, text=True, timeout=30,
                                check=False).stdout
     assert "target-orb-deadletter" in help_text
+
+
+def test_a_rerun_over_the_same_input_adds_no_dead_letter_line(orb, tmp_path):
+    # A scheduled rerun of a JSON Lines tap re-reads the whole file: the record that had no
+    # customer is the same dead letter, for the same reason, and must not be appended again.
+    records = [track(1), track(2, userId=None), track(3, timestamp="not a time")]
+    config = base_config(orb, tmp_path)
+    first = run_target(config, singer_lines(records), tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert len(first.dead_letters) == 2
+    second = run_target(config, singer_lines(records), tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.dead_letters == first.dead_letters
+    assert "already dead-lettered: 2" in second.stderr
+    metrics = json.loads(second.stderr.split("target-orb metrics: ")[1].splitlines()[0])
+    assert (metrics["dead_lettered"], metrics["already_dead_lettered"]) == (0, 2)
+    assert second.states == first.states  # STATE still passes them
+    # A new bad record is still appended.
+    third = run_target(config, singer_lines([*records, track(4, userId=None)]), tmp_path)
+    assert len(third.dead_letters) == 3
+    assert "dead-lettered:         1 ->" in third.stderr
