@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import threading
 import typing as t
 
@@ -124,19 +125,37 @@ class DeadLetterWriter:
     def check_writable(self) -> str | None:
         """Say what is wrong with the path before any record is read, or None.
 
+        Tried for real (`os.access` says yes to root whatever the folder): the file is
+        opened for appending when it exists, otherwise a temporary file is made and removed
+        in the nearest existing folder, so a clean run still leaves no dead-letter file.
+
         Returns:
-            A message naming the setting, or None when the file can be appended to.
+            A message naming the setting and the path the user set, or None when the file
+            can be appended to.
         """
         path = os.path.abspath(self.path)
         if os.path.isdir(path):
             return f"`dead_letter_path` {self.path!r} is a directory; name a file in it."
-        parent = os.path.dirname(path)
-        existing = parent
+        existing = os.path.dirname(path)
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)
-        target = path if os.path.exists(path) else existing
-        if not os.access(target, os.W_OK):
-            return f"`dead_letter_path` {self.path!r} is not writable; choose another file."
+        try:
+            if os.path.exists(path):
+                os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+            elif not os.path.isdir(existing):
+                return (
+                    f"`dead_letter_path` {self.path!r} cannot be written: {existing!r} is not "
+                    "a folder. Choose another file (the backfill record and the ledger are "
+                    "kept beside it)."
+                )
+            else:
+                with tempfile.TemporaryFile(dir=existing):
+                    pass
+        except OSError as exc:
+            return (
+                f"`dead_letter_path` {self.path!r} cannot be written ({exc.strerror or exc}). "
+                "Choose another file (the backfill record and the ledger are kept beside it)."
+            )
         return None
 
     def write(self, entries: t.Sequence[DeadLetterEntry]) -> int:

@@ -439,3 +439,19 @@ def test_a_rerun_over_the_same_input_adds_no_dead_letter_line(orb, tmp_path):
     third = run_target(config, singer_lines([*records, track(4, userId=None)]), tmp_path)
     assert len(third.dead_letters) == 3
     assert "dead-lettered:         1 ->" in third.stderr
+
+
+def test_an_unwritable_dead_letter_folder_is_reported_with_the_path_the_user_set(orb, tmp_path):
+    (tmp_path / "not-a-folder").write_text("a file where a folder should be")
+    dead_letter_path = str(tmp_path / "not-a-folder" / "dl.jsonl")
+    for policy in ("reject", "backfill"):
+        config = base_config(orb, tmp_path, dead_letter_path=dead_letter_path,
+                             late_event_policy=policy)
+        result = run_target(config, singer_lines([track(1)]), tmp_path / policy)
+        assert result.returncode == 1, policy
+        assert f"`dead_letter_path` {dead_letter_path!r} cannot be written" in result.stderr
+        assert "not-a-folder' is not a folder" in result.stderr
+        assert ".backfills.json" not in result.stderr, policy
+        assert "Traceback" not in result.stderr
+        assert result.stdout == ""
+    assert orb.requests == []  # found at start, before the ping
