@@ -26,9 +26,11 @@ REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 SAMPLE = REPO / "demo" / "segment-archive-sample.jsonl"
 PROJECT = "orb-quickstart"
-TIMEOUT = 900  # two plugin installs and two `meltano run`s; about 40 s with warm caches
+TIMEOUT = 900  # two plugin installs and one `meltano run`; about 30 s with warm caches
 
-_BLOCK = re.compile(r"<!-- meltano-quickstart:start -->\n(.*?)<!-- meltano-quickstart:end -->", re.S)
+_BLOCK = re.compile(
+    r"<!-- meltano-quickstart:start -->\n(.*?)<!-- meltano-quickstart:end -->", re.S
+)
 _BASH = re.compile(r"```bash\n(.*?)```", re.S)
 
 
