@@ -18,13 +18,6 @@ What is used, why, and the public API that would replace it:
    problem, and "Config validation failed" once (the SDK's own call with
    `raise_errors=False` logs it as a WARNING before the CLI logs it again as an ERROR).
    Would become: a public `validate_config()` hook returning extra errors.
-12. `SeamTarget._env_var_config` (a `classproperty`, from `singer_sdk.helpers._classproperty`):
-   under `--config ENV`, the SDK's `parse_environment_config` (imported from
-   `singer_sdk.configuration._dict_config`) reads object and array settings as JSON and
-   raises a traceback on bad JSON; here they are read as text, which `_validate_config`
-   parses with a message naming the setting and its shape. `TARGET_ORB_*` variables that
-   name no setting are logged as warnings (`_env_var_prefix`). Would become: a public hook
-   for environment parsing.
 3. `SeamTarget._write_state_message`: `drain_all` (final) calls it right after
    `process_batch` returned; target-orb's `process_batch` only queues work, so STATE is
    routed to the pipeline's gate (`offer_state`), which writes it once Orb acknowledged
@@ -80,6 +73,13 @@ What is used, why, and the public API that would replace it:
    a stream map included, and `_sdc_deleted_at` with them; under `load_method: upsert` that
    column marks a deleted row, so it is put back (the mapping never sends `_sdc_*` keys).
    Would become: a public switch to keep chosen metadata columns.
+12. `SeamTarget._env_var_config` (a `classproperty`, from `singer_sdk.helpers._classproperty`):
+   under `--config ENV`, the SDK's `parse_environment_config` (imported from
+   `singer_sdk.configuration._dict_config`) reads object and array settings as JSON and
+   raises a traceback on bad JSON; here they are read as text, which `_validate_config`
+   parses with a message naming the setting and its shape. `TARGET_ORB_*` variables that
+   name no setting are logged as warnings (`_env_var_prefix`). Would become: a public hook
+   for environment parsing.
 """
 
 from __future__ import annotations
