@@ -13,6 +13,7 @@ CI build job and the release workflow: the files checked are the files uploaded)
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import os
 import re
@@ -37,13 +38,16 @@ CLI_TIMEOUT = 60
 API_KEY = "wheel-test-key-SECRET-42"
 
 
+def _release_tools():
+    spec = importlib.util.spec_from_file_location("release_tools", REPO / "tools" / "release.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pyproject_version() -> str:
-    """`version` of pyproject.toml's [project] table, the one place the version is set."""
-    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
-    project = text.split("[project]", 1)[1].split("\n[", 1)[0]
-    match = re.search(r'^version\s*=\s*"([^"]+)"', project, re.M)
-    assert match, "pyproject.toml: no version in [project]"
-    return match.group(1)
+    """pyproject.toml's `[project] version`, the one place the version is set."""
+    return _release_tools().pyproject_version((REPO / "pyproject.toml").read_text("utf-8"))
 
 
 def _run(args: list[str], *, timeout: float, cwd: Path, env: dict | None = None):
