@@ -437,6 +437,8 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "(`public-identifies`, `analytics.identifies`); none otherwise. `[]` turns that off.",
     ),
 ).to_dict()
+# target-orb's own settings (the SDK adds its built-in ones, e.g. stream_maps, to a copy).
+_OWN_SETTINGS = frozenset(CONFIG_SCHEMA["properties"])
 
 
 def resolve(config: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
@@ -657,7 +659,11 @@ def unknown_env_vars(
     return warnings
 
 
-def _excerpt(value: t.Any) -> str:
+def _excerpt(name: str, value: t.Any) -> str:
+    """A short excerpt of a wrongly shaped value, for target-orb's own settings only: the
+    SDK's (`stream_map_config`, …) may hold values that belong in no log."""
+    if name not in _OWN_SETTINGS:
+        return "(value not shown)"
     text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -724,7 +730,7 @@ def parse_structured_settings(
             except ValueError as exc:
                 problems.append(
                     f"`{name}` is text that is not JSON ({exc.args[0].split(':')[0]}: "
-                    f"{_excerpt(value)}); it {_shape_sentence(name, shape, prop)}."
+                    f"{_excerpt(name, value)}); it {_shape_sentence(name, shape, prop)}."
                 )
                 reported.add(name)
                 continue
@@ -735,7 +741,7 @@ def parse_structured_settings(
         if not isinstance(value, expected):
             problems.append(
                 f"`{name}` {_shape_sentence(name, shape, prop)}; got {_describe(value)}: "
-                f"{_excerpt(value)}."
+                f"{_excerpt(name, value)}."
             )
             reported.add(name)
     return parsed, problems, reported

@@ -143,3 +143,14 @@ def test_wrong_shapes_name_the_expected_shape_and_an_example(name, value, words)
     assert words in problem
     assert "e.g." in problem
     assert reported == {name}
+
+
+def test_a_wrong_shape_of_an_sdk_setting_shows_no_value():
+    from target_orb.settings import parse_structured_settings
+
+    props = dict(PROPS, stream_map_config={"type": ["object", "null"]})
+    _config, (problem,), _ = parse_structured_settings(
+        {"stream_map_config": "salt=hunter2"}, props
+    )
+    assert "hunter2" not in problem
+    assert "`stream_map_config` is text that is not JSON" in problem
