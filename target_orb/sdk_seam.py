@@ -13,7 +13,8 @@ What is used, why, and the public API that would replace it:
    constructor argument (the SDK already reads it only through `_handle_max_record_age`).
 2. `SeamTarget._validate_config`: first `prepare_config` (unknown keys; object and array
    settings given as JSON text are parsed into `_config`), then the SDK's schema errors
-   (except those about a value `prepare_config` already reported), then the cross-field
+   (except those about a value `prepare_config` already reported; those about a secret
+   setting without the value the SDK's message quotes), then the cross-field
    problems (`config_problems`), so the user gets one `ConfigValidationError` listing every
    problem, and "Config validation failed" once (the SDK's own call with
    `raise_errors=False` logs it as a WARNING before the CLI logs it again as an ERROR).
@@ -259,13 +260,23 @@ class SeamTarget(Target):
             dict(self._config), schema.get("properties", {})
         )
         self._config = config
+        secrets = {
+            name for name, prop in schema.get("properties", {}).items()
+            if isinstance(prop, dict) and (prop.get("secret") or prop.get("writeOnly"))
+        }
         try:
             super()._validate_config(raise_errors=True)
         except ConfigValidationError as exc:
-            errors += [
-                e for e in exc.errors
-                if not any(f"in config[{name!r}]" in e for name in reported)
-            ]
+            for error in exc.errors:
+                if any(f"in config[{name!r}]" in error for name in reported):
+                    continue
+                secret = next((n for n in secrets if f"in config[{n!r}]" in error), None)
+                kinds = schema["properties"][secret].get("type") if secret else None
+                errors.append(
+                    error if secret is None  # else: the SDK's message quotes the value
+                    else f"`{secret}` is not valid (expected {' or '.join(map(str, kinds or []))}"
+                    "); its value is secret and not shown."
+                )
         errors += self.config_problems()
         if errors:
             if raise_errors:

@@ -176,3 +176,12 @@ def test_json_in_environment_variables_still_works(orb, tmp_path):
     proc = _run_env(env, tmp_path, singer_lines([track(1)]))
     assert proc.returncode == 0, proc.stderr
     assert orb.events()[0]["properties"] == {"tokens": 1}
+
+
+def test_a_secret_of_the_wrong_type_is_reported_without_its_value(orb, tmp_path):
+    config = base_config(orb, tmp_path, api_key=987654321012345)
+    result = run_target(config, singer_lines([track(1)]), tmp_path)
+    assert result.returncode == 1
+    assert "987654321012345" not in result.stderr
+    assert "`api_key`" in result.stderr
+    assert "Traceback" not in result.stderr
