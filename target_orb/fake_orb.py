@@ -1299,7 +1299,9 @@ def _summary(fake: FakeOrb) -> str:
         f"ingest requests: {len(ingest)}",
         "responses: " + (", ".join(f"{s} x{n}" for s, n in sorted(statuses.items())) or "none"),
         f"events landed: {len(events)}",
-        f"duplicates: {fake.duplicates}",
+        # Not "duplicates": target-orb's summary counts "duplicates collapsed" (copies inside
+        # one request it never sent); these are keys that reached Orb again and were dropped.
+        f"keys sent again (Orb kept the first copy): {fake.duplicates}",
     ]
     if fake.double_billed:
         lines.append(
@@ -1354,10 +1356,46 @@ def _summary(fake: FakeOrb) -> str:
     return "\n".join(lines)
 
 
-def _write_events(fake: FakeOrb, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for ev in fake.events():
-            fh.write(_compact(ev) + "\n")
+def _write_events(fake: FakeOrb, path: str, previous: str | None = None) -> str:
+    """Replace `path` with the landed events (atomically, so a reader never sees half).
+
+    Returns the text written; nothing is written when it equals `previous`.
+    """
+    text = "".join(_compact(ev) + "\n" for ev in fake.events())
+    if text != previous:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    return text
+
+
+def _keep_events_file(fake: FakeOrb, path: str, stop: threading.Event) -> None:
+    """Rewrite `--events-out` as events land, so it can be read while the stand-in runs."""
+    written: str | None = None
+    while not stop.wait(0.2):
+        with contextlib.suppress(OSError):
+            written = _write_events(fake, path, written)
+
+
+def _write_overlay(fake: FakeOrb, path: str, grace_period_hours: float | None) -> None:
+    """The config overlay: what points target-orb at this stand-in, as a second --config."""
+    overlay: dict[str, Any] = {"api_url": fake.url, "api_key": fake.api_key}
+    if grace_period_hours is not None:  # the stand-in's window, so both agree on "late"
+        overlay["grace_period_hours"] = (
+            int(grace_period_hours) if grace_period_hours == int(grace_period_hours)
+            else grace_period_hours
+        )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(overlay, fh, indent=2)
+        fh.write("\n")
+    print(
+        f"fake-orb: wrote {path} (api_url, api_key"
+        + (", grace_period_hours" if grace_period_hours is not None else "")
+        + f"); run target-orb --config YOUR_CONFIG.json --config {path}",
+        file=sys.stderr, flush=True,
+    )
 
 
 def _exit_code(returncode: int) -> int:
@@ -1464,10 +1502,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="port (0: pick a free one)")
     p.add_argument("--api-key", default="test-orb-key")
     p.add_argument(
-        "--grace-period-hours", type=float, default=12, metavar="H",
+        "--grace-period-hours", type=float, default=None, metavar="H",
         help="Orb's event reporting grace period (default 12): live ingest takes events "
         "from now - H on, and a backfill without deprecation_filter must end at or before "
-        "now - H (the grace boundary)",
+        "now - H (the grace boundary); also written to --config-overlay",
     )
     p.add_argument(
         "--one-pending-backfill", action="store_true",
@@ -1519,7 +1557,17 @@ def _parser() -> argparse.ArgumentParser:
         "START..END (RFC 3339 or YYYY-MM-DD), STATUS draft|issued|paid|synced|void (default "
         "issued), INVOICE_DATE default END (repeatable)",
     )
-    p.add_argument("--events-out", metavar="FILE", help="write landed events as JSON lines")
+    p.add_argument(
+        "--events-out", metavar="FILE",
+        help="landed events as JSON lines, rewritten as they land (read it while the "
+        "stand-in runs; also GET /_fake/events) and once more at exit",
+    )
+    p.add_argument(
+        "--config-overlay", metavar="FILE",
+        help="write a target-orb config overlay here ({api_url, api_key} of this stand-in, "
+        "and grace_period_hours when --grace-period-hours is given) and remove it at exit; "
+        "use your own config with it: target-orb --config mine.json --config FILE",
+    )
     p.add_argument(
         "--now",
         metavar="ISO",
@@ -1567,7 +1615,7 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             api_key=args.api_key,
-            grace_period_hours=args.grace_period_hours,
+            grace_period_hours=12 if args.grace_period_hours is None else args.grace_period_hours,
             future_tolerance_seconds=args.future_tolerance_seconds,
             latency_ms=args.latency_ms,
             accept_all=args.accept_all,
@@ -1614,14 +1662,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     fake.start()
+    stop = threading.Event()
+    keeper: threading.Thread | None = None
     try:
+        if args.config_overlay:
+            try:
+                _write_overlay(fake, args.config_overlay, args.grace_period_hours)
+            except OSError as exc:
+                print(f"fake-orb: cannot write --config-overlay: {exc}", file=sys.stderr)
+                return 2
+        if args.events_out:
+            keeper = threading.Thread(
+                target=_keep_events_file, args=(fake, args.events_out, stop),
+                name="fake-orb-events-out", daemon=True,
+            )
+            keeper.start()
         if cmd:
             print(f"fake-orb: {fake.url} -> {' '.join(cmd)}", file=sys.stderr, flush=True)
             rc = _run_command(fake, cmd, args.max_seconds)
         else:
             rc = _serve(fake, args.max_seconds)
     finally:
+        stop.set()
+        if keeper is not None:
+            keeper.join(timeout=5)
         fake.stop()
+        if args.config_overlay:
+            with contextlib.suppress(OSError):
+                os.remove(args.config_overlay)
     if args.events_out:
         _write_events(fake, args.events_out)
     print(_summary(fake), flush=True)

@@ -392,13 +392,22 @@ class Pipeline:
                 stream, len(items), items[0]["reason"],
             )
             return
-        self._dead_letters.write(items)
+        written = self._dead_letters.write(items)
+        known = len(items) - written
         with self._stats.lock:
-            self._stats.dead_lettered += len(items)
-        LOGGER.warning(
-            "Stream '%s': dead-lettered %d record(s) to %s (first reason: %s).",
-            stream, len(items), self._dead_letters.path, items[0]["reason"],
-        )
+            self._stats.dead_lettered += written
+            self._stats.already_dead_lettered += known
+        if written:
+            LOGGER.warning(
+                "Stream '%s': dead-lettered %d record(s) to %s (first reason: %s).",
+                stream, written, self._dead_letters.path, items[0]["reason"],
+            )
+        if known:
+            LOGGER.warning(
+                "Stream '%s': %d record(s) were already in %s for the same reason (a rerun "
+                "over the same input?); counted as already dead-lettered, not appended again.",
+                stream, known, self._dead_letters.path,
+            )
 
     # -- delivery threads -----------------------------------------------------------
 

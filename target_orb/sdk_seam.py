@@ -11,9 +11,14 @@ What is used, why, and the public API that would replace it:
    so offers STATE) this often while records arrive; one minute keeps the bookmark close
    to what Orb acknowledged on slow streams. Would become: a public class attribute or a
    constructor argument (the SDK already reads it only through `_handle_max_record_age`).
-2. `SeamTarget._validate_config`: appends the cross-field problems (`config_problems`) to
-   the SDK's schema errors so the user gets one `ConfigValidationError` listing every
-   problem. Would become: a public `validate_config()` hook returning extra errors.
+2. `SeamTarget._validate_config`: first `prepare_config` (unknown keys; object and array
+   settings given as JSON text are parsed into `_config`), then the SDK's schema errors
+   (except those about a value `prepare_config` already reported; those about a secret
+   setting without the value the SDK's message quotes), then the cross-field
+   problems (`config_problems`), so the user gets one `ConfigValidationError` listing every
+   problem, and "Config validation failed" once (the SDK's own call with
+   `raise_errors=False` logs it as a WARNING before the CLI logs it again as an ERROR).
+   Would become: a public `validate_config()` hook returning extra errors.
 3. `SeamTarget._write_state_message`: `drain_all` (final) calls it right after
    `process_batch` returned; target-orb's `process_batch` only queues work, so STATE is
    routed to the pipeline's gate (`offer_state`), which writes it once Orb acknowledged
@@ -69,25 +74,37 @@ What is used, why, and the public API that would replace it:
    a stream map included, and `_sdc_deleted_at` with them; under `load_method: upsert` that
    column marks a deleted row, so it is put back (the mapping never sends `_sdc_*` keys).
    Would become: a public switch to keep chosen metadata columns.
+12. `SeamTarget._env_var_config` (a `classproperty`, from `singer_sdk.helpers._classproperty`):
+   under `--config ENV`, the SDK's `parse_environment_config` (imported from
+   `singer_sdk.configuration._dict_config`) reads object and array settings as JSON and
+   raises a traceback on bad JSON; here they are read as text, which `_validate_config`
+   parses with a message naming the setting and its shape. `TARGET_ORB_*` variables that
+   name no setting are logged as warnings (`_env_var_prefix`). Would become: a public hook
+   for environment parsing.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import sys
 import typing as t
 from collections import Counter, defaultdict
 
 import msgspec
 from singer_sdk import Target
+from singer_sdk.configuration._dict_config import parse_environment_config
 from singer_sdk.contrib.msgspec import MsgSpecReader
 from singer_sdk.contrib.msgspec import decoder as _msgspec_decoder
 from singer_sdk.exceptions import ConfigValidationError, InvalidInputLine
+from singer_sdk.helpers._classproperty import classproperty
 from singer_sdk.mapper import SameRecordTransform
 from singer_sdk.sinks import BatchSink
 from typing_extensions import override
 
 from target_orb.reader import InvalidRecordHandler, bad_line, input_lines, read_careful
+from target_orb.settings import structured_shape, unknown_env_vars
 
 LOGGER = logging.getLogger("target_orb.reader")
 
@@ -164,6 +181,21 @@ class SeamTarget(Target):
         """
         return []
 
+    def prepare_config(
+        self, config: dict[str, t.Any], properties: t.Mapping[str, t.Any]
+    ) -> tuple[dict[str, t.Any], list[str], frozenset[str]]:
+        """Check the config before the schema does, and return the config to validate.
+
+        Args:
+            config: A copy of the config as given.
+            properties: The config schema's properties (the SDK's built-in ones included).
+
+        Returns:
+            The config to use, problems, and the settings those problems are about (the
+            schema's errors about them are left out).
+        """
+        return config, [], frozenset()
+
     def offer_state(self, state: dict) -> None:
         """Receive the STATE `drain_all` would write.
 
@@ -222,13 +254,50 @@ class SeamTarget(Target):
 
     @override
     def _validate_config(self, *, raise_errors: bool = True) -> list[str]:
-        errors = super()._validate_config(raise_errors=False)
+        schema = self.config_jsonschema
+        self.append_builtin_config(schema)
+        config, errors, reported = self.prepare_config(
+            dict(self._config), schema.get("properties", {})
+        )
+        self._config = config
+        secrets = {
+            name for name, prop in schema.get("properties", {}).items()
+            if isinstance(prop, dict) and (prop.get("secret") or prop.get("writeOnly"))
+        }
+        try:
+            super()._validate_config(raise_errors=True)
+        except ConfigValidationError as exc:
+            for error in exc.errors:
+                if any(f"in config[{name!r}]" in error for name in reported):
+                    continue
+                secret = next((n for n in secrets if f"in config[{n!r}]" in error), None)
+                kinds = schema["properties"][secret].get("type") if secret else None
+                errors.append(
+                    error if secret is None  # else: the SDK's message quotes the value
+                    else f"`{secret}` is not valid (expected {' or '.join(map(str, kinds or []))}"
+                    "); its value is secret and not shown."
+                )
         errors += self.config_problems()
-        if errors and raise_errors:
-            raise ConfigValidationError(
-                "Config validation failed", errors=errors, schema=self.config_jsonschema
-            )
+        if errors:
+            if raise_errors:
+                raise ConfigValidationError(
+                    "Config validation failed", errors=errors, schema=schema
+                )
+            self.logger.warning("Config validation failed: %s", " ".join(errors))
         return errors
+
+    @classproperty
+    def _env_var_config(cls) -> dict[str, t.Any]:
+        schema = copy.deepcopy(cls.config_jsonschema)
+        cls.append_builtin_config(schema)
+        properties = schema.setdefault("properties", {})
+        for name, prop in list(properties.items()):
+            if structured_shape(prop) is not None:
+                properties[name] = {"type": ["string", "null"]}  # parsed in _validate_config
+        config = parse_environment_config(schema, cls._env_var_prefix)
+        for warning in unknown_env_vars(os.environ, cls._env_var_prefix, set(properties)):
+            cls.logger.warning("%s", warning)
+        return config
 
     @override
     def _write_state_message(self, state: dict) -> None:

@@ -30,6 +30,8 @@ class RunStats:
         self.events_accepted = 0
         self.rejected_by_orb = 0
         self.dead_lettered = 0
+        # Already in the dead-letter file for the same reason (not appended again).
+        self.already_dead_lettered = 0
         self.retries = 0
         self.requests = 0
         self.pending = 0
@@ -87,6 +89,7 @@ class RunStats:
             "invalid": dict(self.invalid),
             "rejected_by_orb": self.rejected_by_orb,
             "dead_lettered": self.dead_lettered,
+            "already_dead_lettered": self.already_dead_lettered,
             "keys_derived": self.keys_derived,
             "requests": self.requests,
             "retries": self.retries,
@@ -200,4 +203,9 @@ class RunStats:
             lines.append(f"  keys derived (no key): {self.keys_derived}")
         if self.dead_lettered and dead_letter_path:
             lines.append(f"  dead-lettered:         {self.dead_lettered} -> {dead_letter_path}")
+        if self.already_dead_lettered and dead_letter_path:
+            lines.append(
+                f"  already dead-lettered: {self.already_dead_lettered} (same record and reason "
+                f"already in {dead_letter_path}; not appended again)"
+            )
         return "\n".join(lines)

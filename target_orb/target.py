@@ -45,6 +45,7 @@ from target_orb.settings import (
     CONFIG_SCHEMA,
     build_delivery_settings,
     build_mapping_spec,
+    check_config_keys,
     load_method,
     state_url,
 )
@@ -407,6 +408,13 @@ class TargetOrb(SeamTarget):
     @override
     def config_problems(self) -> list[str]:
         return cross_field_problems(self.config)
+
+    @override
+    def prepare_config(
+        self, config: dict[str, t.Any], properties: t.Mapping[str, t.Any]
+    ) -> tuple[dict[str, t.Any], list[str], frozenset[str]]:
+        check = check_config_keys(config, properties)
+        return check.config, check.problems, check.settings
 
     @override
     def offer_state(self, state: dict) -> None:

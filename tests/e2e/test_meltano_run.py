@@ -406,9 +406,8 @@ def test_second_run_lands_nothing_new_only_duplicates(
     assert all(status == 200 for status in second_run.ingest_statuses)
     assert second_run.stats["duplicates"] == len(EXPECTED)
     assert second_run.stats["key_send_counts"] == {key: 2 for key in EXPECTED}
-    # The dead-letter file is appended to: the same record, for the same reason, again.
-    first = first_run.dead_letters[0]
-    assert [(e["reason"], e["record"]["messageId"]) for e in second_run.dead_letters] == [
-        (first["reason"], NO_USER_ID)
-    ] * 2
+    # The same record, for the same reason, is already in the dead-letter file: the rerun
+    # counts it as already dead-lettered and does not append a copy (issue 19).
+    assert second_run.dead_letters == first_run.dead_letters
+    assert "already dead-lettered: 1" in second_run.result.stderr
     assert second_run.state == first_run.state

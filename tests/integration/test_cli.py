@@ -418,3 +418,40 @@ def test_deadletter_console_script_refuses_a_foreign_file_clearly(tmp_path):
     help_text = subprocess.run([cmd[0], "--help"], capture_output=True, text=True, timeout=30,
                                check=False).stdout
     assert "target-orb-deadletter" in help_text
+
+
+def test_a_rerun_over_the_same_input_adds_no_dead_letter_line(orb, tmp_path):
+    # A scheduled rerun of a JSON Lines tap re-reads the whole file: the record that had no
+    # customer is the same dead letter, for the same reason, and must not be appended again.
+    records = [track(1), track(2, userId=None), track(3, timestamp="not a time")]
+    config = base_config(orb, tmp_path)
+    first = run_target(config, singer_lines(records), tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert len(first.dead_letters) == 2
+    second = run_target(config, singer_lines(records), tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.dead_letters == first.dead_letters
+    assert "already dead-lettered: 2" in second.stderr
+    metrics = json.loads(second.stderr.split("target-orb metrics: ")[1].splitlines()[0])
+    assert (metrics["dead_lettered"], metrics["already_dead_lettered"]) == (0, 2)
+    assert second.states == first.states  # STATE still passes them
+    # A new bad record is still appended.
+    third = run_target(config, singer_lines([*records, track(4, userId=None)]), tmp_path)
+    assert len(third.dead_letters) == 3
+    assert "dead-lettered:         1 ->" in third.stderr
+
+
+def test_an_unwritable_dead_letter_folder_is_reported_with_the_path_the_user_set(orb, tmp_path):
+    (tmp_path / "not-a-folder").write_text("a file where a folder should be")
+    dead_letter_path = str(tmp_path / "not-a-folder" / "dl.jsonl")
+    for policy in ("reject", "backfill"):
+        config = base_config(orb, tmp_path, dead_letter_path=dead_letter_path,
+                             late_event_policy=policy)
+        result = run_target(config, singer_lines([track(1)]), tmp_path / policy)
+        assert result.returncode == 1, policy
+        assert f"`dead_letter_path` {dead_letter_path!r} cannot be written" in result.stderr
+        assert "not-a-folder' is not a folder" in result.stderr
+        assert ".backfills.json" not in result.stderr, policy
+        assert "Traceback" not in result.stderr
+        assert result.stdout == ""
+    assert orb.requests == []  # found at start, before the ping

@@ -32,7 +32,11 @@ PINNED = {
     "singer_sdk.target_base:Target._handle_max_record_age": (
         "5762750ab1035404", "items 1 and 5: the max-age drain the fast path calls"),
     "singer_sdk.plugin_base:PluginBase._validate_config": (
-        "0584b9e347e353fa", "item 2: cross-field problems appended to its errors"),
+        "0584b9e347e353fa", "item 2: called for its schema errors, raising (no WARNING)"),
+    "singer_sdk.plugin_base:PluginBase._env_var_config": (
+        "4e00272a5767a9a1", "item 12: replaced by SeamTarget._env_var_config"),
+    "singer_sdk.configuration._dict_config:parse_environment_config": (
+        "8795a086c3e468a6", "item 12: structured settings handed to it typed as text"),
     "singer_sdk.plugin_base:PluginBase._setup_signal_handlers": (
         "eb4287001bdd7d19", "TargetOrb.__init__ replaces the handlers it installs"),
     "singer_sdk.sinks.core:Sink._validate_and_parse": (
@@ -56,6 +60,8 @@ PINNED = {
 
 def _sdk_function(name: str):
     module_name, qualname = name.split(":")
+    if "." not in qualname:
+        return getattr(importlib.import_module(module_name), qualname)
     owner_name, attr = qualname.split(".")
     owner = getattr(importlib.import_module(module_name), owner_name)
     member = owner.__dict__[attr]

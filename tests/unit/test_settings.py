@@ -87,3 +87,70 @@ def test_a_decimal_flush_interval_from_meltano_becomes_a_float():
     )
     assert type(settings.flush_interval_seconds) is float
     assert settings.flush_interval_seconds == 5.0
+
+
+def test_unknown_keys_name_the_closest_setting_and_underscores_are_comments():
+    from target_orb.settings import unknown_keys_problem
+
+    known = set(PROPS)
+    assert unknown_keys_problem({"_comment": "x", "api_key": "k"}, known) is None
+    message = unknown_keys_problem({"properties_maping": {}, "qqq": 1}, known)
+    assert message is not None
+    assert message.startswith(
+        "`properties_maping` is not a setting of target-orb; did you mean `properties_mapping`?"
+    )
+    assert "`qqq` is not a setting of target-orb (see `target-orb --about`)." in message
+
+
+def test_unknown_environment_variables_are_named_with_the_closest_setting():
+    from target_orb.settings import unknown_env_vars
+
+    environ = {
+        "TARGET_ORB_API_KEY": "k", "TARGET_ORB_LOGLEVEL": "DEBUG", "OTHER": "x",
+        "TARGET_ORB_GRACE_PERIOD_HOUR": "12",
+    }
+    (warning,) = unknown_env_vars(environ, "TARGET_ORB_", set(PROPS))
+    assert "TARGET_ORB_GRACE_PERIOD_HOUR" in warning
+    assert "did you mean TARGET_ORB_GRACE_PERIOD_HOURS" in warning
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [('{"a": "b"}', {"a": "b"}), ({"a": "b"}, {"a": "b"}), (None, None)],
+)
+def test_object_settings_given_as_json_text_are_parsed(value, parsed):
+    from target_orb.settings import parse_structured_settings
+
+    config, problems, reported = parse_structured_settings({"properties_mapping": value}, PROPS)
+    assert (config["properties_mapping"], problems, reported) == (parsed, [], set())
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("properties_mapping", ["a"], "must be an object of source key → Orb key"),
+        ("properties_mapping", "[1]", "got an array: [1]"),
+        ("properties_mapping", "{nope", "is text that is not JSON"),
+        ("event_types", "track", 'must be an array of strings, e.g. ["track"]'),
+        ("event_denylist", {"a": 1}, "must be an array of strings"),
+    ],
+)
+def test_wrong_shapes_name_the_expected_shape_and_an_example(name, value, words):
+    from target_orb.settings import parse_structured_settings
+
+    _config, (problem,), reported = parse_structured_settings({name: value}, PROPS)
+    assert problem.startswith(f"`{name}` ")
+    assert words in problem
+    assert "e.g." in problem
+    assert reported == {name}
+
+
+def test_a_wrong_shape_of_an_sdk_setting_shows_no_value():
+    from target_orb.settings import parse_structured_settings
+
+    props = dict(PROPS, stream_map_config={"type": ["object", "null"]})
+    _config, (problem,), _ = parse_structured_settings(
+        {"stream_map_config": "salt=hunter2"}, props
+    )
+    assert "hunter2" not in problem
+    assert "`stream_map_config` is text that is not JSON" in problem
