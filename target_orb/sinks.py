@@ -11,11 +11,11 @@ from singer_sdk.exceptions import InvalidRecord
 from singer_sdk.sinks.core import BaseJSONSchemaValidator
 from typing_extensions import override
 
-from target_orb.deadletter import entry
-from target_orb.identify import Skipped, Update, is_identify, is_identify_stream, map_identify
-from target_orb.mapping import Invalid, Mapped, Skip, dedupe_request, map_record
-from target_orb.sdk_seam import SeamSink
+from target_orb.mapping.track import Invalid, Mapped, Skip, dedupe_request, map_record
+from target_orb.mapping.traits import Skipped, Update, is_identify, is_identify_stream, map_identify
+from target_orb.pipeline.deadletter import entry
 from target_orb.settings import MAX_EVENTS_PER_REQUEST
+from target_orb.singer.sdk_seam import SeamSink
 
 if t.TYPE_CHECKING:
     from target_orb.target import TargetOrb
@@ -103,7 +103,7 @@ class OrbSink(SeamSink):
         integer column holding "N/A" must not abort a billing run). Timestamps are
         parsed by target-orb's own timestamp code, so the SDK's parsing (which raises on
         an unparseable value and rewrites the dead-letter record) is skipped
-        (target_orb/sdk_seam.py, item 6).
+        (target_orb/singer/sdk_seam.py, item 6).
 
         Args:
             validator: The stream's validator.

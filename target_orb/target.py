@@ -20,11 +20,8 @@ from singer_sdk.helpers.capabilities import PluginCapabilities, TargetCapabiliti
 from typing_extensions import override
 
 from target_orb import jsonutil
-from target_orb.backfill import BackfillManager, OwnershipRecord, record_path_for
-from target_orb.client import OrbClient
-from target_orb.customers import CustomerUpdater
-from target_orb.deadletter import DeadLetterWriter
-from target_orb.delivery import Deliverer
+from target_orb.backfill.manager import BackfillManager, OwnershipRecord, record_path_for
+from target_orb.corrections.upsert import LiveOrbPort, Upserter
 from target_orb.errors import (
     DeliveryAbortedError,
     OrbFatalError,
@@ -33,14 +30,15 @@ from target_orb.errors import (
     StateWriteError,
     TerminatedError,
 )
-from target_orb.identify import build_identify_spec
-from target_orb.ledger import Ledger
-from target_orb.ledger import default_url as ledger_default_url
-from target_orb.ledger import describe as ledger_describe
-from target_orb.mapping import backfill_threshold
-from target_orb.pipeline import Pipeline
-from target_orb.ratelimit import RateLimiter
-from target_orb.sdk_seam import SeamMessageReader, SeamTarget
+from target_orb.identify.customers import CustomerUpdater
+from target_orb.mapping.track import backfill_threshold
+from target_orb.mapping.traits import build_identify_spec
+from target_orb.orb.client import OrbClient
+from target_orb.orb.delivery import Deliverer
+from target_orb.orb.ratelimit import RateLimiter
+from target_orb.pipeline.deadletter import DeadLetterWriter
+from target_orb.pipeline.gate import Pipeline
+from target_orb.pipeline.stats import RunStats
 from target_orb.settings import (
     CONFIG_SCHEMA,
     build_delivery_settings,
@@ -50,9 +48,11 @@ from target_orb.settings import (
     state_url,
 )
 from target_orb.settings import config_problems as cross_field_problems
+from target_orb.singer.sdk_seam import SeamMessageReader, SeamTarget
 from target_orb.sinks import OrbSink
-from target_orb.stats import RunStats
-from target_orb.upsert import LiveOrbPort, Upserter
+from target_orb.state.ledger import Ledger
+from target_orb.state.ledger import default_url as ledger_default_url
+from target_orb.state.ledger import describe as ledger_describe
 
 if t.TYPE_CHECKING:
     from types import FrameType
@@ -106,7 +106,7 @@ class _Runtime:
         # Orb budgets each kind of call separately (Orb's rate-limit page): ingest; writes,
         # which are every POST/PUT/PATCH/DELETE but ingest (search, backfill create/close,
         # customer updates, amend/deprecate); and reads (GET: backfill list/fetch, invoices).
-        # Each paces itself to what Orb allows once Orb answers 429 (target_orb.ratelimit).
+        # Each paces itself to what Orb allows once Orb answers 429 (target_orb.orb.ratelimit).
         self.write_limiter = RateLimiter(name="writes", unit="requests")
         self.read_limiter = RateLimiter(name="reads", unit="requests")
         if not s.dry_run:
@@ -387,7 +387,7 @@ class TargetOrb(SeamTarget):
             self.runtime.ensure_started()
             _tune_gc()
 
-    # -- the seam's hooks (target_orb/sdk_seam.py) -----------------------------------------
+    # -- the seam's hooks (target_orb/singer/sdk_seam.py) -----------------------------------------
 
     @override
     def before_idle_flush(self, buffered: int) -> None:

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 
 from target_orb import jsonutil
-from target_orb.backfill import (
+from target_orb.backfill.manager import (
     CLOSE_AFTER,
     PENDING,
     BackfillManager,
@@ -28,12 +28,12 @@ from target_orb.backfill import (
     record_path_for,
     window_of,
 )
-from target_orb.delivery import Deliverer, Response, TransportError
 from target_orb.errors import OrbFatalError
-from target_orb.mapping import Invalid, Mapped, map_record
-from target_orb.search import search_existing
+from target_orb.mapping.track import Invalid, Mapped, map_record
+from target_orb.orb.delivery import Deliverer, Response, TransportError
+from target_orb.orb.search import search_existing
+from target_orb.pipeline.stats import RunStats
 from target_orb.settings import build_mapping_spec, config_problems
-from target_orb.stats import RunStats
 
 UTC = datetime.timezone.utc
 NOW = datetime.datetime(2024, 5, 20, 12, 0, tzinfo=UTC)

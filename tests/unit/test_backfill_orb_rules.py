@@ -18,8 +18,8 @@ import datetime
 import pytest
 
 from target_orb.errors import OrbFatalError
-from target_orb.ledger import Ledger
-from target_orb.stats import RunStats
+from target_orb.pipeline.stats import RunStats
+from target_orb.state.ledger import Ledger
 from tests.unit.test_backfill import (
     APRIL,
     MARCH,

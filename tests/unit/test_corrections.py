@@ -6,7 +6,7 @@ import decimal
 
 import pytest
 
-from target_orb.corrections import (
+from target_orb.corrections.decisions import (
     Action,
     Known,
     amendment_body,

@@ -12,14 +12,14 @@ import time
 
 import pytest
 
-from target_orb.customers import CustomerUpdater
-from target_orb.deadletter import DeadLetterWriter
-from target_orb.delivery import Deliverer, Response
 from target_orb.errors import OrbFatalError, OrbRetryExhaustedError
-from target_orb.identify import Update
-from target_orb.pipeline import Pipeline
-from target_orb.ratelimit import RateLimiter
-from target_orb.stats import RunStats
+from target_orb.identify.customers import CustomerUpdater
+from target_orb.mapping.traits import Update
+from target_orb.orb.delivery import Deliverer, Response
+from target_orb.orb.ratelimit import RateLimiter
+from target_orb.pipeline.deadletter import DeadLetterWriter
+from target_orb.pipeline.gate import Pipeline
+from target_orb.pipeline.stats import RunStats
 
 URL = "http://127.0.0.1:9/v1"
 ERRORS = "https://docs.withorb.com/reference/error-responses#"

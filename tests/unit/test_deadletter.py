@@ -6,8 +6,8 @@ import json
 import os
 import stat
 
-from target_orb import deadletter
-from target_orb.deadletter import DeadLetterWriter, entry
+from target_orb.pipeline import deadletter
+from target_orb.pipeline.deadletter import DeadLetterWriter, entry
 
 
 def test_a_new_file_and_its_directory_entry_are_fsynced(tmp_path, monkeypatch):

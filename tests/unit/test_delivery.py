@@ -7,15 +7,15 @@ import json
 
 import pytest
 
-from target_orb.delivery import Deliverer, Response, TransportError, retry_delays
 from target_orb.errors import DeliveryAbortedError, OrbFatalError, OrbRetryExhaustedError
-from target_orb.policy import (
+from target_orb.orb.answers import (
     Outcome,
     classify,
     rejected_keys,
     retry_after_seconds,
 )
-from target_orb.ratelimit import RateLimiter
+from target_orb.orb.delivery import Deliverer, Response, TransportError, retry_delays
+from target_orb.orb.ratelimit import RateLimiter
 
 
 def events(n: int) -> list[dict]:

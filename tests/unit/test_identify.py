@@ -7,7 +7,8 @@ from decimal import Decimal
 
 import pytest
 
-from target_orb.identify import (
+from target_orb.mapping.track import Invalid, _InvalidRecordError
+from target_orb.mapping.traits import (
     Answer,
     Skipped,
     Update,
@@ -20,7 +21,6 @@ from target_orb.identify import (
     merge_updates,
     metadata_value,
 )
-from target_orb.mapping import Invalid, _InvalidRecordError
 from target_orb.settings import build_mapping_spec, config_problems
 
 CET = datetime.timezone(datetime.timedelta(hours=1))

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from target_orb.corrections import body_digest
+from target_orb.corrections.decisions import body_digest
 from target_orb.errors import OrbFatalError
-from target_orb.ledger import LEDGER_FILE_NAME, RETENTION, Ledger, Write, default_url
+from target_orb.state.ledger import LEDGER_FILE_NAME, RETENTION, Ledger, Write, default_url
 
 UTC = datetime.timezone.utc
 BODY = {"event_name": "api", "timestamp": "2026-01-02T03:04:05Z",

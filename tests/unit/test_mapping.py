@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from target_orb.mapping import Invalid, Mapped, Skip, dedupe_request, derive_key, map_record
+from target_orb.mapping.track import Invalid, Mapped, Skip, dedupe_request, derive_key, map_record
 from target_orb.settings import build_mapping_spec, config_problems
 
 NOW = datetime.datetime(2024, 3, 1, 12, 30, tzinfo=datetime.timezone.utc)

@@ -13,16 +13,16 @@ import typing as t
 
 import pytest
 
-from target_orb.deadletter import DeadLetterWriter, entry
-from target_orb.delivery import Deliverer, Response
 from target_orb.errors import (
     DeliveryAbortedError,
     OrbInvalidEventError,
     PipelineClosedError,
     StateWriteError,
 )
-from target_orb.pipeline import JobResult, Pipeline
-from target_orb.stats import RunStats
+from target_orb.orb.delivery import Deliverer, Response
+from target_orb.pipeline.deadletter import DeadLetterWriter, entry
+from target_orb.pipeline.gate import JobResult, Pipeline
+from target_orb.pipeline.stats import RunStats
 
 BOUND = 2.0  # seconds any single wait may take before the test fails
 

@@ -1,4 +1,4 @@
-"""The SDK seam: private singer-sdk names live only in target_orb/sdk_seam.py, and every SDK
+"""The SDK seam: private singer-sdk names live only in target_orb/singer/sdk_seam.py, and every SDK
 function it copies or replaces is pinned, so a singer-sdk upgrade fails here by name."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pytest
 import singer_sdk
 
 import target_orb
-from target_orb import sdk_seam
+from target_orb.singer import sdk_seam
 
 PACKAGE = Path(target_orb.__file__).parent
 
 # SDK function -> (sha256 prefix of its source in singer-sdk 0.54.x, what depends on it).
-# When one fails: read the SDK's change, port it to target_orb/sdk_seam.py (the item named),
+# When one fails: read the SDK's change, port it to target_orb/singer/sdk_seam.py (the item named),
 # run the benchmark and the integration tests, then update the hash here.
 PINNED = {
     "singer_sdk.target_base:Target._process_record_message": (
@@ -75,7 +75,7 @@ def test_sdk_function_the_seam_depends_on_is_unchanged(name):
     actual = hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
     assert actual == expected, (
         f"singer-sdk {importlib.metadata.version('singer-sdk')} changed {name} ({why}). "
-        "Read the change, port it to target_orb/sdk_seam.py, then "
+        "Read the change, port it to target_orb/singer/sdk_seam.py, then "
         f"update its hash in tests/unit/test_sdk_seam.py to {actual}."
     )
 
@@ -119,8 +119,8 @@ def _private_sdk_uses(source: str, sdk_private: frozenset[str]) -> set[str]:
 def test_only_the_seam_uses_private_sdk_names():
     sdk_private = _sdk_private_names()
     offenders = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        if path.name in {"sdk_seam.py", "fake_orb.py"}:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).as_posix() in {"singer/sdk_seam.py", "fake_orb.py"}:
             continue
         source = path.read_text(encoding="utf-8")
         if "singer_sdk" not in source:
@@ -129,7 +129,7 @@ def test_only_the_seam_uses_private_sdk_names():
         if uses:
             offenders[path.name] = sorted(uses)
     assert offenders == {}, (
-        "private singer-sdk names outside target_orb/sdk_seam.py; move each use into the "
+        "private singer-sdk names outside target_orb/singer/sdk_seam.py; move each use into the "
         f"seam and document it there: {offenders}"
     )
 
@@ -140,7 +140,7 @@ def test_the_seam_docstring_names_every_private_sdk_name_it_uses():
     used = {u.split()[-1] for u in _private_sdk_uses(source, sdk_private)}
     own = {"_seam_max_size", "_fast_sinks"}  # the seam's own attributes
     missing = sorted(n for n in used - own if n not in (sdk_seam.__doc__ or ""))
-    assert missing == [], f"document these in target_orb/sdk_seam.py's docstring: {missing}"
+    assert missing == [], f"document these in target_orb/singer/sdk_seam.py's docstring: {missing}"
 
 
 def test_the_seam_guard_would_catch_a_private_use():

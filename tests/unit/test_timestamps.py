@@ -1,4 +1,4 @@
-"""Unit tests for target_orb.timestamps: every accepted form, every rejection."""
+"""Unit tests for target_orb.mapping.timestamps: every accepted form, every rejection."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from target_orb.timestamps import TimestampError, format_orb, parse_and_format, to_utc
+from target_orb.mapping.timestamps import TimestampError, format_orb, parse_and_format, to_utc
 
 UTC = dt.timezone.utc
 ORB_FORMAT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{6})?Z")

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from target_orb import jsonutil
-from target_orb.mapping import (
+from target_orb.mapping.timestamps import format_orb, to_utc
+from target_orb.mapping.track import (
     _MISSING,
     Invalid,
     _customer,
@@ -31,7 +32,6 @@ from target_orb.mapping import (
     passthrough_nested,
 )
 from target_orb.settings import MappingSpec, flatten_mapping, resolve
-from target_orb.timestamps import format_orb, to_utc
 
 IDENTIFY_TYPE = "identify"
 # Segment's warehouse table of Identify calls; a tap prefixes its schema (`public-identifies`).

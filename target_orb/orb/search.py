@@ -14,12 +14,12 @@ import datetime
 import typing as t
 
 from target_orb.errors import OrbFatalError
-from target_orb.policy import Outcome, classify, orb_error_summary
-from target_orb.timestamps import format_orb
+from target_orb.mapping.timestamps import format_orb
+from target_orb.orb.answers import Outcome, classify, orb_error_summary
 
 if t.TYPE_CHECKING:
-    from target_orb.client import OrbClient
-    from target_orb.delivery import Deliverer, Limiter
+    from target_orb.orb.client import OrbClient
+    from target_orb.orb.delivery import Deliverer, Limiter
 
 MAX_IDS_PER_SEARCH = 500  # EventSearchCriteria.event_ids: 1-500 items (Orb's OpenAPI spec)
 SEARCH_PATH = "/events/search"

@@ -1,7 +1,7 @@
 """Pure decisions for `load_method: upsert`: what to do with each key, and what Orb's refusals mean.
 
 No I/O here: callers pass what the ledger knows, what Orb's search found and the current
-time. The I/O (ledger, search, ingest, amend, deprecate) is in target_orb/upsert.py.
+time. The I/O (ledger, search, ingest, amend, deprecate) is in target_orb/corrections/upsert.py.
 
 Orb's rules for corrections (reference/orb-api.md §4): an amendment (`PUT /v1/events/{id}`)
 keeps the key, timestamp and customer of the stored event and replaces its body; a
@@ -20,8 +20,8 @@ import typing as t
 from dataclasses import dataclass
 
 from target_orb import jsonutil
-from target_orb.policy import orb_error_summary
-from target_orb.timestamps import TimestampError, parse_and_format
+from target_orb.mapping.timestamps import TimestampError, parse_and_format
+from target_orb.orb.answers import orb_error_summary
 
 OrbEvent = dict[str, t.Any]
 CUSTOMER_KEYS = ("customer_id", "external_customer_id")

@@ -27,7 +27,7 @@ import time
 import typing as t
 from dataclasses import dataclass
 
-LOGGER = logging.getLogger("target_orb.ratelimit")
+LOGGER = logging.getLogger("target_orb.orb.ratelimit")
 
 _FIRST_GAP = 1.0  # first probe after a 429 while nothing is known about the window
 _MAX_GAP = 30.0

@@ -31,7 +31,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from target_orb import jsonutil
-from target_orb.corrections import Known
+from target_orb.corrections.decisions import Known
 from target_orb.errors import OrbFatalError
 
 LEDGER_FILE_NAME = "target-orb-ledger.sqlite"

@@ -14,11 +14,11 @@ from requests.adapters import HTTPAdapter
 from requests.utils import get_environ_proxies, prepend_scheme_if_needed, select_proxy
 
 from target_orb import jsonutil
-from target_orb.delivery import Response, TransportError
 from target_orb.errors import OrbFatalError
-from target_orb.policy import orb_error_summary
+from target_orb.orb.answers import orb_error_summary
+from target_orb.orb.delivery import Response, TransportError
 
-LOGGER = logging.getLogger("target_orb.client")
+LOGGER = logging.getLogger("target_orb.orb.client")
 try:
     USER_AGENT = f"target-orb/{importlib.metadata.version('target-orb')}"
 except importlib.metadata.PackageNotFoundError:  # running from a source tree

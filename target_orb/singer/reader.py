@@ -1,6 +1,6 @@
 """Reading Singer input: lines from the descriptor (with idle flush), and a careful path.
 
-The reading loop itself is `SeamMessageReader.process_lines` (target_orb/sdk_seam.py): the
+The reading loop itself is `SeamMessageReader.process_lines` (target_orb/singer/sdk_seam.py): the
 SDK's msgspec decoder on raw bytes, one dict lookup per line. Only a line msgspec refuses
 goes through `read_careful` here, which reads what Python's `json` module
 reads (`NaN`, `Infinity`, `-Infinity`, lone surrogate escapes, bytes that are not UTF-8):
@@ -24,7 +24,7 @@ import typing as t
 
 from singer_sdk.exceptions import InvalidInputLine
 
-LOGGER = logging.getLogger("target_orb.reader")
+LOGGER = logging.getLogger("target_orb.singer.reader")
 _CHUNK = 1 << 16
 _EXCERPT = 120
 _WHITESPACE = " \t\r\n"

@@ -85,25 +85,25 @@ from urllib.parse import quote
 from sqlalchemy.exc import SQLAlchemyError
 
 from target_orb import jsonutil
-from target_orb.corrections import amendment_body, body_digest
-from target_orb.deadletter import DeadLetterEntry, entry
-from target_orb.delivery import Deliverer, Response
+from target_orb.corrections.decisions import amendment_body, body_digest
 from target_orb.errors import DeliveryAbortedError, OrbFatalError
-from target_orb.ledger import Write, describe
-from target_orb.mapping import backfill_threshold
-from target_orb.pipeline import JobResult
-from target_orb.policy import Outcome, classify, orb_error_summary, rejected_keys
-from target_orb.search import search_existing
-from target_orb.timestamps import TimestampError, format_orb, to_utc
+from target_orb.mapping.timestamps import TimestampError, format_orb, to_utc
+from target_orb.mapping.track import backfill_threshold
+from target_orb.orb.answers import Outcome, classify, orb_error_summary, rejected_keys
+from target_orb.orb.delivery import Deliverer, Response
+from target_orb.orb.search import search_existing
+from target_orb.pipeline.deadletter import DeadLetterEntry, entry
+from target_orb.pipeline.gate import JobResult
+from target_orb.state.ledger import Write, describe
 
 if t.TYPE_CHECKING:
-    from target_orb.client import OrbClient
-    from target_orb.delivery import Limiter
-    from target_orb.ledger import Ledger
-    from target_orb.pipeline import Job
-    from target_orb.stats import RunStats
+    from target_orb.orb.client import OrbClient
+    from target_orb.orb.delivery import Limiter
+    from target_orb.pipeline.gate import Job
+    from target_orb.pipeline.stats import RunStats
+    from target_orb.state.ledger import Ledger
 
-LOGGER = logging.getLogger("target_orb.backfill")
+LOGGER = logging.getLogger("target_orb.backfill.manager")
 _UTC = datetime.timezone.utc
 
 BACKFILLS_PATH = "/events/backfills"

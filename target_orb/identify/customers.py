@@ -14,9 +14,8 @@ import typing as t
 from dataclasses import dataclass, field
 
 from target_orb import jsonutil
-from target_orb.deadletter import DeadLetterEntry, entry
 from target_orb.errors import DeliveryAbortedError, OrbFatalError
-from target_orb.identify import (
+from target_orb.mapping.traits import (
     CUSTOMER_PATH,
     Answer,
     MergedUpdate,
@@ -25,16 +24,17 @@ from target_orb.identify import (
     customer_path,
     merge_updates,
 )
-from target_orb.pipeline import JobResult
-from target_orb.policy import orb_error_summary
+from target_orb.orb.answers import orb_error_summary
+from target_orb.pipeline.deadletter import DeadLetterEntry, entry
+from target_orb.pipeline.gate import JobResult
 
 if t.TYPE_CHECKING:
-    from target_orb.client import OrbClient
-    from target_orb.delivery import Deliverer, Limiter, Response
-    from target_orb.pipeline import Pipeline
-    from target_orb.stats import RunStats
+    from target_orb.orb.client import OrbClient
+    from target_orb.orb.delivery import Deliverer, Limiter, Response
+    from target_orb.pipeline.gate import Pipeline
+    from target_orb.pipeline.stats import RunStats
 
-LOGGER = logging.getLogger("target_orb.customers")
+LOGGER = logging.getLogger("target_orb.identify.customers")
 _WAIT_STEP = 0.05  # seconds between checks for a shutdown while waiting for an earlier update
 _ABORT_GRACE = 10.0  # seconds to let a failed earlier update report its own error first
 

@@ -10,12 +10,12 @@ import typing as t
 from dataclasses import dataclass
 
 from target_orb import jsonutil
+from target_orb.mapping.timestamps import TimestampError, format_orb, parse_and_format, to_utc
 from target_orb.settings import (
     WAREHOUSE_SYSTEM_COLUMNS,
     WAREHOUSE_SYSTEM_PREFIXES,
     MappingSpec,
 )
-from target_orb.timestamps import TimestampError, format_orb, parse_and_format, to_utc
 
 INT64_MIN = -(2**63)  # Orb property numbers must fit int64 (docs.withorb.com/quickstart/ingest)
 INT64_MAX = 2**63 - 1
@@ -418,7 +418,7 @@ def backfill_threshold(now: datetime.datetime, grace_period_hours: float) -> dat
     margin in either direction: an event newer than the boundary cannot go into a backfill
     (a backfill's timeframe ends at or before it, orb-billing `events/backfills.py`), and an
     event that ages past it while its live request waits is refused by Orb as too old and
-    then routed to a backfill once the boundary has passed it (target_orb/backfill.py).
+    then routed to a backfill once the boundary has passed it (target_orb/backfill/manager.py).
 
     Args:
         now: The current time (aware UTC).

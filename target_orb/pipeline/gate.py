@@ -32,17 +32,17 @@ import typing as t
 from dataclasses import dataclass, field
 
 from target_orb import jsonutil
-from target_orb.deadletter import DeadLetterEntry, DeadLetterWriter, entry
-from target_orb.delivery import Deliverer
 from target_orb.errors import (
     DeliveryAbortedError,
     OrbInvalidEventError,
     PipelineClosedError,
     StateWriteError,
 )
-from target_orb.stats import RunStats
+from target_orb.orb.delivery import Deliverer
+from target_orb.pipeline.deadletter import DeadLetterEntry, DeadLetterWriter, entry
+from target_orb.pipeline.stats import RunStats
 
-LOGGER = logging.getLogger("target_orb.pipeline")
+LOGGER = logging.getLogger("target_orb.pipeline.gate")
 
 
 @dataclass(slots=True)

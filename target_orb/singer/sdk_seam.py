@@ -54,7 +54,7 @@ What is used, why, and the public API that would replace it:
    that is not JSON; it sets `_current_message` and calls `_process_unknown_message` as the
    SDK does, and decodes with `singer_sdk.contrib.msgspec.decoder` (what
    `MsgSpecReader.deserialize_json` uses). It reads bytes from the file descriptor
-   (target_orb/reader.py `input_lines`, so bytes that are not UTF-8 reach the careful path
+   (target_orb/singer/reader.py `input_lines`, so bytes that are not UTF-8 reach the careful path
    instead of raising in the SDK's text stream, and a quiet tap is noticed), reads what
    Python's json reads when msgspec refuses a line (`read_careful`), and fails any line
    that is not a Singer message with its number and an excerpt. Would become: the SDK's
@@ -103,10 +103,10 @@ from singer_sdk.mapper import SameRecordTransform
 from singer_sdk.sinks import BatchSink
 from typing_extensions import override
 
-from target_orb.reader import InvalidRecordHandler, bad_line, input_lines, read_careful
 from target_orb.settings import structured_shape, unknown_env_vars
+from target_orb.singer.reader import InvalidRecordHandler, bad_line, input_lines, read_careful
 
-LOGGER = logging.getLogger("target_orb.reader")
+LOGGER = logging.getLogger("target_orb.singer.reader")
 
 
 class SeamSink(BatchSink):
@@ -357,7 +357,7 @@ class SeamMessageReader(MsgSpecReader):
 
     The target sets `on_invalid_record` (a RECORD whose values JSON cannot carry: NaN,
     lone surrogates, bytes that are not UTF-8), `on_idle` and `idle_seconds` (flush partial
-    batches when the tap goes quiet); see target_orb/reader.py.
+    batches when the tap goes quiet); see target_orb/singer/reader.py.
     """
 
     on_invalid_record: InvalidRecordHandler | None = None

@@ -21,7 +21,7 @@ import backoff
 
 from target_orb import jsonutil
 from target_orb.errors import DeliveryAbortedError, OrbFatalError, OrbRetryExhaustedError
-from target_orb.policy import (
+from target_orb.orb.answers import (
     MAX_BACKOFF_SECONDS,
     Outcome,
     classify,
@@ -30,7 +30,7 @@ from target_orb.policy import (
     retry_after_seconds,
 )
 
-LOGGER = logging.getLogger("target_orb.delivery")
+LOGGER = logging.getLogger("target_orb.orb.delivery")
 
 
 def equal_jitter(rand: t.Callable[[], float]) -> t.Callable[[float], float]:
@@ -104,7 +104,7 @@ class DeliveryResult:
 
 
 class Limiter(t.Protocol):
-    """Client-side rate limiting shared by all requests (see target_orb.ratelimit)."""
+    """Client-side rate limiting shared by all requests (see target_orb.orb.ratelimit)."""
 
     def acquire(self, events: int) -> t.Any: ...
     def accepted(self, ticket: t.Any) -> None: ...

@@ -5,7 +5,7 @@ Each batch is one job behind the pipeline's STATE gate (`Pipeline.submit_job`), 
 passes a correction only once Orb acknowledged it or it is dead-lettered. Jobs run on
 several delivery threads; `KeyOrder` makes the jobs that share a key run in input order (a
 row updated twice in one run is ingested, then amended, never raced). The decisions are in
-target_orb/corrections.py; the I/O comes in through `OrbPort` so every path is unit-tested
+target_orb/corrections/decisions.py; the I/O comes in through `OrbPort` so every path is unit-tested
 with scripted answers.
 """
 
@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from target_orb.corrections import (
+from target_orb.corrections.decisions import (
     Action,
     Known,
     already_deprecated,
@@ -35,21 +35,21 @@ from target_orb.corrections import (
     refusal_code,
     refusal_reason,
 )
-from target_orb.deadletter import DeadLetterEntry, entry
 from target_orb.errors import DeliveryAbortedError, OrbFatalError
-from target_orb.ledger import Ledger, Write, describe
-from target_orb.mapping import Invalid, Mapped, Skip, _idempotency_key, get_path, map_record
-from target_orb.pipeline import JobResult
-from target_orb.policy import Outcome, classify, orb_error_summary
-from target_orb.timestamps import TimestampError, parse_and_format
+from target_orb.mapping.timestamps import TimestampError, parse_and_format
+from target_orb.mapping.track import Invalid, Mapped, Skip, _idempotency_key, get_path, map_record
+from target_orb.orb.answers import Outcome, classify, orb_error_summary
+from target_orb.pipeline.deadletter import DeadLetterEntry, entry
+from target_orb.pipeline.gate import JobResult
+from target_orb.state.ledger import Ledger, Write, describe
 
 if t.TYPE_CHECKING:
-    from target_orb.client import OrbClient
-    from target_orb.delivery import Deliverer, DeliveryResult, Limiter, Response
-    from target_orb.pipeline import Pipeline
+    from target_orb.orb.client import OrbClient
+    from target_orb.orb.delivery import Deliverer, DeliveryResult, Limiter, Response
+    from target_orb.pipeline.gate import Pipeline
     from target_orb.settings import MappingSpec
 
-LOGGER = logging.getLogger("target_orb.upsert")
+LOGGER = logging.getLogger("target_orb.corrections.upsert")
 DELETED_FIELD = "_sdc_deleted_at"
 _UTC = datetime.timezone.utc
 _ONE_SECOND = datetime.timedelta(seconds=1)
@@ -667,7 +667,7 @@ class LiveOrbPort:
         self, keys: list[str], start: datetime.datetime, end: datetime.datetime
     ) -> dict[str, dict[str, t.Any]]:
         """Orb's stored events for these keys (never-amended ones only)."""
-        from target_orb.search import search_existing  # noqa: PLC0415
+        from target_orb.orb.search import search_existing  # noqa: PLC0415
 
         return search_existing(
             self._client, self._deliverer, keys,

@@ -35,7 +35,7 @@ class RunStats:
         self.retries = 0
         self.requests = 0
         self.pending = 0
-        # late_event_policy: backfill (target_orb/backfill.py)
+        # late_event_policy: backfill (target_orb/backfill/manager.py)
         self.late_events = 0  # late events read (mapped, routed to backfills)
         self.late_rerouted = 0  # live events Orb rejected as too old, routed to backfills
         self.already_in_orb = 0  # late events whose key Orb already held (not sent)
