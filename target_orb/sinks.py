@@ -18,7 +18,9 @@ from target_orb.settings import MAX_EVENTS_PER_REQUEST
 from target_orb.singer.sdk_seam import SeamSink
 
 if t.TYPE_CHECKING:
-    from target_orb.target import TargetOrb
+    from singer_sdk import Target
+
+    from target_orb.runtime import RuntimeHost
 
 _UTC = datetime.timezone.utc
 _MAX_SCHEMA_WARNINGS = 5
@@ -57,7 +59,7 @@ class OrbSink(SeamSink):
 
     def __init__(
         self,
-        target: TargetOrb,
+        target: Target,
         stream_name: str,
         schema: dict,
         key_properties: t.Sequence[str] | None,
@@ -65,12 +67,12 @@ class OrbSink(SeamSink):
         """Keep a reference to the target's shared runtime (the SDK 0.54 sink keeps none).
 
         Args:
-            target: The target.
+            target: The target (a `RuntimeHost`: `TargetOrb`).
             stream_name: Stream name.
             schema: Stream schema.
             key_properties: Key properties.
         """
-        self._runtime = target.runtime
+        self._runtime = t.cast("RuntimeHost", target).runtime
         self._schema_warnings = 0
         self._now = datetime.datetime.now(_UTC)
         self._now_at = time.monotonic()
