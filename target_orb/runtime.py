@@ -15,6 +15,7 @@ from target_orb.backfill.manager import BackfillManager, OwnershipRecord, record
 from target_orb.corrections.upsert import LiveOrbPort, Upserter
 from target_orb.errors import OrbFatalError
 from target_orb.identify.customers import CustomerUpdater
+from target_orb.mapping.spec import build_mapping_spec
 from target_orb.mapping.track import backfill_threshold
 from target_orb.mapping.traits import build_identify_spec
 from target_orb.orb.client import OrbClient
@@ -23,12 +24,7 @@ from target_orb.orb.ratelimit import RateLimiter
 from target_orb.pipeline.deadletter import DeadLetterWriter
 from target_orb.pipeline.gate import Pipeline
 from target_orb.pipeline.stats import RunStats
-from target_orb.settings import (
-    build_delivery_settings,
-    build_mapping_spec,
-    load_method,
-    state_url,
-)
+from target_orb.settings import build_delivery_settings, load_method, state_url
 from target_orb.state.ledger import Ledger
 from target_orb.state.ledger import default_url as ledger_default_url
 from target_orb.state.ledger import describe as ledger_describe

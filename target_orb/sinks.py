@@ -11,7 +11,8 @@ from singer_sdk.exceptions import InvalidRecord
 from singer_sdk.sinks.core import BaseJSONSchemaValidator
 from typing_extensions import override
 
-from target_orb.mapping.track import Invalid, Mapped, Skip, dedupe_request, map_record
+from target_orb.mapping.fields import Invalid
+from target_orb.mapping.track import Mapped, Skip, dedupe_request, map_record
 from target_orb.mapping.traits import Skipped, Update, is_identify, is_identify_stream, map_identify
 from target_orb.pipeline.deadletter import entry
 from target_orb.settings import MAX_EVENTS_PER_REQUEST

@@ -20,6 +20,8 @@ from singer_sdk.helpers.capabilities import PluginCapabilities, TargetCapabiliti
 from typing_extensions import override
 
 from target_orb import jsonutil
+from target_orb.config_checks import check_config_keys
+from target_orb.config_checks import config_problems as cross_field_problems
 from target_orb.errors import (
     DeliveryAbortedError,
     OrbFatalError,
@@ -29,11 +31,7 @@ from target_orb.errors import (
     TerminatedError,
 )
 from target_orb.runtime import Runtime
-from target_orb.settings import (
-    CONFIG_SCHEMA,
-    check_config_keys,
-)
-from target_orb.settings import config_problems as cross_field_problems
+from target_orb.settings import CONFIG_SCHEMA
 from target_orb.singer.sdk_seam import SeamMessageReader, SeamTarget
 from target_orb.sinks import OrbSink
 

@@ -36,18 +36,19 @@ from target_orb.corrections.decisions import (
     refusal_reason,
 )
 from target_orb.errors import DeliveryAbortedError, OrbFatalError
+from target_orb.mapping.fields import Invalid, get_path
 from target_orb.mapping.timestamps import TimestampError, parse_and_format
-from target_orb.mapping.track import Invalid, Mapped, Skip, _idempotency_key, get_path, map_record
+from target_orb.mapping.track import Mapped, Skip, map_record, source_key
 from target_orb.orb.answers import Outcome, classify, orb_error_summary
 from target_orb.pipeline.deadletter import DeadLetterEntry, entry
 from target_orb.pipeline.gate import JobResult
 from target_orb.state.ledger import Ledger, Write, describe
 
 if t.TYPE_CHECKING:
+    from target_orb.mapping.spec import MappingSpec
     from target_orb.orb.client import OrbClient
     from target_orb.orb.delivery import Deliverer, DeliveryResult, Limiter, Response
     from target_orb.pipeline.gate import Pipeline
-    from target_orb.settings import MappingSpec
 
 LOGGER = logging.getLogger("target_orb.corrections.upsert")
 DELETED_FIELD = "_sdc_deleted_at"
@@ -286,7 +287,7 @@ class Upserter:
         else:
             assert isinstance(result, Invalid)
             key = (
-                _idempotency_key(get_path(record, self.spec.idempotency_key_field))
+                source_key(get_path(record, self.spec.idempotency_key_field))
                 if deleted else None
             )
             if key is not None:

@@ -12,19 +12,12 @@ import logging
 import threading
 import typing as t
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from target_orb import jsonutil
 from target_orb.errors import DeliveryAbortedError, OrbFatalError
-from target_orb.mapping.traits import (
-    CUSTOMER_PATH,
-    Answer,
-    MergedUpdate,
-    Update,
-    classify_answer,
-    customer_path,
-    merge_updates,
-)
-from target_orb.orb.answers import orb_error_summary
+from target_orb.mapping.traits import MergedUpdate, Update, merge_updates
+from target_orb.orb.answers import Answer, classify_answer, orb_error_summary
 from target_orb.pipeline.deadletter import DeadLetterEntry, entry
 from target_orb.pipeline.gate import JobResult
 
@@ -265,3 +258,19 @@ def _orb_reason(body: t.Any) -> str:
             e if isinstance(e, str) else jsonutil.dumps_lenient(e) for e in errors[:5]
         )
     return text if len(text) <= 500 else text[:499] + "…"
+
+
+CUSTOMER_PATH = "/customers/external_customer_id/"
+
+
+def customer_path(customer: str) -> str:
+    """`/customers/external_customer_id/{id}` with the id URL-encoded (`/`, `?`, spaces,
+    unicode: reference/orb-api.md §5, "URL-encode external_customer_id in paths").
+
+    Args:
+        customer: The external customer id.
+
+    Returns:
+        The path under `api_url`.
+    """
+    return CUSTOMER_PATH + quote(customer, safe="")

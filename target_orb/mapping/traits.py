@@ -13,33 +13,28 @@ from __future__ import annotations
 
 import datetime
 import decimal
-import enum
 import math
 import typing as t
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
 from target_orb import jsonutil
-from target_orb.mapping.timestamps import format_orb, to_utc
-from target_orb.mapping.track import (
-    _MISSING,
+from target_orb.mapping.fields import (
+    MISSING,
     Invalid,
-    _customer,
-    _InvalidRecordError,
-    _warehouse_properties,
+    InvalidRecordError,
     get_path,
     is_disabled_by_integrations,
-    passthrough_nested,
+    read_customer,
 )
-from target_orb.settings import MappingSpec, flatten_mapping, resolve
+from target_orb.mapping.properties import passthrough_nested, warehouse_properties
+from target_orb.mapping.spec import MappingSpec, flatten_mapping
+from target_orb.mapping.timestamps import format_orb, to_utc
+from target_orb.settings import resolve
 
 IDENTIFY_TYPE = "identify"
 # Segment's warehouse table of Identify calls; a tap prefixes its schema (`public-identifies`).
 WAREHOUSE_IDENTIFY_TABLE = "identifies"
 _SCHEMA_SEPARATORS = ("-", ".")
-CUSTOMER_PATH = "/customers/external_customer_id/"
-# Error type suffixes Orb sends with a 404 (reference/orb-api.md §1.1).
-NOT_FOUND_TYPE = "404-resource-not-found"
 # `.` and `..` are path segments: HTTP clients and servers remove them, so no request can
 # address a customer with such an id (RFC 3986 §5.2.4).
 _DOT_SEGMENTS = frozenset({".", ".."})
@@ -165,7 +160,7 @@ def metadata_value(key: str, value: t.Any) -> str | None:
         The text, or None for a null trait.
 
     Raises:
-        _InvalidRecordError: NaN/Infinity, or a type Orb metadata cannot hold.
+        InvalidRecordError: NaN/Infinity, or a type Orb metadata cannot hold.
     """
     if value is None or isinstance(value, str):
         return value
@@ -177,14 +172,14 @@ def metadata_value(key: str, value: t.Any) -> str | None:
         value = decimal.Decimal(value)  # str(int) refuses very long ints (sys.int_info)
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise _InvalidRecordError("bad_trait_value", f"trait `{key}` is not a finite number")
+            raise InvalidRecordError("bad_trait_value", f"trait `{key}` is not a finite number")
         value = decimal.Decimal(repr(value))  # the shortest text that reads back as the float
     if isinstance(value, decimal.Decimal):
         if not value.is_finite():
-            raise _InvalidRecordError("bad_trait_value", f"trait `{key}` is not a finite number")
+            raise InvalidRecordError("bad_trait_value", f"trait `{key}` is not a finite number")
         text = _plain_decimal(value) if abs(value.adjusted()) <= MAX_NUMBER_TEXT else ""
         if not text or len(text) > MAX_NUMBER_TEXT:
-            raise _InvalidRecordError(
+            raise InvalidRecordError(
                 "bad_trait_value",
                 f"trait `{key}` is a number with more than {MAX_NUMBER_TEXT} digits in plain "
                 "decimal notation",
@@ -194,7 +189,7 @@ def metadata_value(key: str, value: t.Any) -> str | None:
         return format_orb(to_utc(value))
     if isinstance(value, (datetime.date, datetime.time)):
         return value.isoformat()
-    raise _InvalidRecordError(
+    raise InvalidRecordError(
         "bad_trait_value",
         f"trait `{key}` has a value of type {type(value).__name__}, which Orb metadata cannot "
         "hold",
@@ -226,7 +221,7 @@ class _MetadataBuilder:
             return
         text = metadata_value(source, value)
         if orb_key in self.out:
-            raise _InvalidRecordError(
+            raise InvalidRecordError(
                 "key_collision",
                 f"traits `{self.sources[orb_key]}` and `{source}` both map to Orb metadata key "
                 f"`{orb_key}`",
@@ -238,7 +233,7 @@ class _MetadataBuilder:
         policy = self.nested
         if policy == "reject":
             kind = "an object" if is_object else "an array"
-            raise _InvalidRecordError(
+            raise InvalidRecordError(
                 "nested_property", f"trait `{source}` is {kind} and `nested_properties` is `reject`"
             )
         if policy == "drop":
@@ -250,7 +245,7 @@ class _MetadataBuilder:
         try:  # json_string (objects and arrays) and flatten (arrays)
             text = jsonutil.dumps_str(value)
         except (TypeError, ValueError):
-            raise _InvalidRecordError(
+            raise InvalidRecordError(
                 "bad_trait_value", f"trait `{source}` cannot be written as JSON text"
             ) from None
         self.put(orb_key, source, text)
@@ -259,9 +254,9 @@ class _MetadataBuilder:
 def _traits(record: t.Mapping[str, t.Any], spec: IdentifySpec) -> t.Mapping[str, t.Any]:
     if spec.traits_field is None:
         # Segment's warehouse `identifies` table: traits are top-level columns.
-        return _warehouse_properties(record)
+        return warehouse_properties(record)
     source = record if spec.traits_field == "" else get_path(record, spec.traits_field)
-    if source is _MISSING or source is None:
+    if source is MISSING or source is None:
         return {}
     if isinstance(source, str):
         # A JSON-object string (a dbt model's JSON column) holds the traits.
@@ -270,13 +265,13 @@ def _traits(record: t.Mapping[str, t.Any], spec: IdentifySpec) -> t.Mapping[str,
         try:
             source = jsonutil.loads(source)
         except ValueError:
-            raise _InvalidRecordError(
+            raise InvalidRecordError(
                 "bad_traits", f"traits at `{spec.traits_field}` are a string that is not JSON"
             ) from None
         if source is None:
             return {}
     if not isinstance(source, dict):
-        raise _InvalidRecordError(
+        raise InvalidRecordError(
             "bad_traits",
             f"traits at `{spec.traits_field}` are {type(source).__name__}, not an object",
         )
@@ -300,8 +295,8 @@ def build_metadata(traits: t.Mapping[str, t.Any], spec: IdentifySpec) -> dict[st
         if src in traits:
             value = traits[src]
         else:
-            value = get_path(traits, src) if "." in src else _MISSING
-            if value is _MISSING:
+            value = get_path(traits, src) if "." in src else MISSING
+            if value is MISSING:
                 continue
         if not src.startswith("_sdc_"):
             builder.put(dst, src, value)
@@ -335,15 +330,15 @@ def map_identify(
     ):
         return Skipped("integrations")
     try:
-        customer = _customer(get_path(record, spec.customer_field), spec.customer_field)
+        customer = read_customer(get_path(record, spec.customer_field), spec.customer_field)
         if customer in _DOT_SEGMENTS:
-            raise _InvalidRecordError(
+            raise InvalidRecordError(
                 "bad_customer",
                 f"customer id at `{spec.customer_field}` is {customer!r}, which cannot be "
                 "addressed in Orb's URL path (`.` and `..` are path segments)",
             )
         metadata = build_metadata(_traits(record, spec), spec)
-    except _InvalidRecordError as exc:
+    except InvalidRecordError as exc:
         return Invalid(exc.code, exc.reason)
     if not metadata:
         return Skipped("no_traits")
@@ -381,45 +376,3 @@ def merge_updates(updates: t.Sequence[Update]) -> list[MergedUpdate]:
     return list(merged.values())
 
 
-def customer_path(customer: str) -> str:
-    """`/customers/external_customer_id/{id}` with the id URL-encoded (`/`, `?`, spaces,
-    unicode: reference/orb-api.md §5, "URL-encode external_customer_id in paths").
-
-    Args:
-        customer: The external customer id.
-
-    Returns:
-        The path under `api_url`.
-    """
-    return CUSTOMER_PATH + quote(customer, safe="")
-
-
-class Answer(enum.Enum):
-    """What Orb's answer to a metadata update means (after retries)."""
-
-    DONE = "done"
-    NOT_FOUND = "not_found"  # 404 resource-not-found: no customer with that external id yet
-    REJECTED = "rejected"  # 400 and other 4xx: this update cannot be applied as it is
-    FATAL = "fatal"  # 401, 403, any other 404: configuration must be fixed
-
-
-def classify_answer(status: int, body: t.Any) -> Answer:
-    """Map a non-retryable answer to a metadata update onto what to do.
-
-    Args:
-        status: HTTP status.
-        body: Decoded body.
-
-    Returns:
-        The answer.
-    """
-    if 200 <= status < 300:
-        return Answer.DONE
-    if status == 404:
-        kind = body.get("type") if isinstance(body, t.Mapping) else None
-        if isinstance(kind, str) and kind.rsplit("#", 1)[-1] == NOT_FOUND_TYPE:
-            return Answer.NOT_FOUND
-        return Answer.FATAL
-    if status in (401, 403):
-        return Answer.FATAL
-    return Answer.REJECTED

@@ -147,3 +147,38 @@ def rejected_keys(body: t.Any, keys: t.Collection[str]) -> dict[str, list[str]]:
                     found.setdefault(key, []).append(item)
                     break
     return found
+
+
+# Error type suffixes Orb sends with a 404 (reference/orb-api.md §1.1).
+NOT_FOUND_TYPE = "404-resource-not-found"
+
+
+class Answer(enum.Enum):
+    """What Orb's answer to a metadata update means (after retries)."""
+
+    DONE = "done"
+    NOT_FOUND = "not_found"  # 404 resource-not-found: no customer with that external id yet
+    REJECTED = "rejected"  # 400 and other 4xx: this update cannot be applied as it is
+    FATAL = "fatal"  # 401, 403, any other 404: configuration must be fixed
+
+
+def classify_answer(status: int, body: t.Any) -> Answer:
+    """Map a non-retryable answer to a metadata update onto what to do.
+
+    Args:
+        status: HTTP status.
+        body: Decoded body.
+
+    Returns:
+        The answer.
+    """
+    if 200 <= status < 300:
+        return Answer.DONE
+    if status == 404:
+        kind = body.get("type") if isinstance(body, t.Mapping) else None
+        if isinstance(kind, str) and kind.rsplit("#", 1)[-1] == NOT_FOUND_TYPE:
+            return Answer.NOT_FOUND
+        return Answer.FATAL
+    if status in (401, 403):
+        return Answer.FATAL
+    return Answer.REJECTED

@@ -103,7 +103,7 @@ from singer_sdk.mapper import SameRecordTransform
 from singer_sdk.sinks import BatchSink
 from typing_extensions import override
 
-from target_orb.settings import structured_shape, unknown_env_vars
+from target_orb.config_checks import structured_shape, unknown_env_vars
 from target_orb.singer.reader import InvalidRecordHandler, bad_line, input_lines, read_careful
 
 LOGGER = logging.getLogger("target_orb.singer.reader")

@@ -28,12 +28,14 @@ from target_orb.backfill.manager import (
     record_path_for,
     window_of,
 )
+from target_orb.config_checks import config_problems
 from target_orb.errors import OrbFatalError
-from target_orb.mapping.track import Invalid, Mapped, map_record
+from target_orb.mapping.fields import Invalid
+from target_orb.mapping.spec import build_mapping_spec
+from target_orb.mapping.track import Mapped, map_record
 from target_orb.orb.delivery import Deliverer, Response, TransportError
 from target_orb.orb.search import search_existing
 from target_orb.pipeline.stats import RunStats
-from target_orb.settings import build_mapping_spec, config_problems
 
 UTC = datetime.timezone.utc
 NOW = datetime.datetime(2024, 5, 20, 12, 0, tzinfo=UTC)

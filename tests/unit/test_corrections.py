@@ -144,7 +144,7 @@ def test_not_found_is_about_the_event_not_the_url_or_customer():
 
 
 def test_correction_settings_are_declared_with_orb_meanings():
-    from target_orb.settings import config_problems
+    from target_orb.config_checks import config_problems
     from target_orb.target import TargetOrb
 
     schema = TargetOrb.config_jsonschema["properties"]

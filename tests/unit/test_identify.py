@@ -7,21 +7,22 @@ from decimal import Decimal
 
 import pytest
 
-from target_orb.mapping.track import Invalid, _InvalidRecordError
+from target_orb.config_checks import config_problems
+from target_orb.identify.customers import customer_path
+from target_orb.mapping.fields import Invalid
+from target_orb.mapping.fields import InvalidRecordError as _InvalidRecordError
+from target_orb.mapping.spec import build_mapping_spec
 from target_orb.mapping.traits import (
-    Answer,
     Skipped,
     Update,
     build_identify_spec,
-    classify_answer,
-    customer_path,
     is_identify,
     is_identify_stream,
     map_identify,
     merge_updates,
     metadata_value,
 )
-from target_orb.settings import build_mapping_spec, config_problems
+from target_orb.orb.answers import Answer, classify_answer
 
 CET = datetime.timezone(datetime.timedelta(hours=1))
 ERRORS = "https://docs.withorb.com/reference/error-responses#"

@@ -9,8 +9,10 @@ from decimal import Decimal
 
 import pytest
 
-from target_orb.mapping.track import Invalid, Mapped, Skip, dedupe_request, derive_key, map_record
-from target_orb.settings import build_mapping_spec, config_problems
+from target_orb.config_checks import config_problems
+from target_orb.mapping.fields import Invalid
+from target_orb.mapping.spec import build_mapping_spec
+from target_orb.mapping.track import Mapped, Skip, dedupe_request, derive_key, map_record
 
 NOW = datetime.datetime(2024, 3, 1, 12, 30, tzinfo=datetime.timezone.utc)
 TS = "2024-03-01T12:00:00.123Z"

@@ -6,14 +6,8 @@ import dataclasses
 
 import pytest
 
-from target_orb.settings import (
-    CONFIG_SCHEMA,
-    DeliverySettings,
-    MappingSpec,
-    build_delivery_settings,
-    build_mapping_spec,
-    resolve,
-)
+from target_orb.mapping.spec import MappingSpec, build_mapping_spec
+from target_orb.settings import CONFIG_SCHEMA, DeliverySettings, build_delivery_settings, resolve
 
 PROPS = CONFIG_SCHEMA["properties"]
 MINIMAL = {"external_customer_id_field": "userId"}
@@ -90,7 +84,7 @@ def test_a_decimal_flush_interval_from_meltano_becomes_a_float():
 
 
 def test_unknown_keys_name_the_closest_setting_and_underscores_are_comments():
-    from target_orb.settings import unknown_keys_problem
+    from target_orb.config_checks import unknown_keys_problem
 
     known = set(PROPS)
     assert unknown_keys_problem({"_comment": "x", "api_key": "k"}, known) is None
@@ -103,7 +97,7 @@ def test_unknown_keys_name_the_closest_setting_and_underscores_are_comments():
 
 
 def test_unknown_environment_variables_are_named_with_the_closest_setting():
-    from target_orb.settings import unknown_env_vars
+    from target_orb.config_checks import unknown_env_vars
 
     environ = {
         "TARGET_ORB_API_KEY": "k", "TARGET_ORB_LOGLEVEL": "DEBUG", "OTHER": "x",
@@ -119,7 +113,7 @@ def test_unknown_environment_variables_are_named_with_the_closest_setting():
     [('{"a": "b"}', {"a": "b"}), ({"a": "b"}, {"a": "b"}), (None, None)],
 )
 def test_object_settings_given_as_json_text_are_parsed(value, parsed):
-    from target_orb.settings import parse_structured_settings
+    from target_orb.config_checks import parse_structured_settings
 
     config, problems, reported = parse_structured_settings({"properties_mapping": value}, PROPS)
     assert (config["properties_mapping"], problems, reported) == (parsed, [], set())
@@ -136,7 +130,7 @@ def test_object_settings_given_as_json_text_are_parsed(value, parsed):
     ],
 )
 def test_wrong_shapes_name_the_expected_shape_and_an_example(name, value, words):
-    from target_orb.settings import parse_structured_settings
+    from target_orb.config_checks import parse_structured_settings
 
     _config, (problem,), reported = parse_structured_settings({name: value}, PROPS)
     assert problem.startswith(f"`{name}` ")
@@ -146,7 +140,7 @@ def test_wrong_shapes_name_the_expected_shape_and_an_example(name, value, words)
 
 
 def test_a_wrong_shape_of_an_sdk_setting_shows_no_value():
-    from target_orb.settings import parse_structured_settings
+    from target_orb.config_checks import parse_structured_settings
 
     props = dict(PROPS, stream_map_config={"type": ["object", "null"]})
     _config, (problem,), _ = parse_structured_settings(
