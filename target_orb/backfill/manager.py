@@ -85,15 +85,20 @@ from urllib.parse import quote
 from sqlalchemy.exc import SQLAlchemyError
 
 from target_orb import jsonutil
-from target_orb.corrections.decisions import amendment_body, body_digest
 from target_orb.errors import DeliveryAbortedError, OrbFatalError
 from target_orb.mapping.timestamps import TimestampError, format_orb, to_utc
 from target_orb.mapping.track import backfill_threshold
-from target_orb.orb.answers import Outcome, classify, orb_error_summary, rejected_keys
+from target_orb.orb.answers import (
+    Outcome,
+    classify,
+    orb_error_summary,
+    refuses_backfill,
+)
 from target_orb.orb.delivery import Deliverer, Response
 from target_orb.orb.search import search_existing
 from target_orb.pipeline.deadletter import DeadLetterEntry, entry
 from target_orb.pipeline.gate import JobResult
+from target_orb.state.digests import amendment_body, body_digest
 from target_orb.state.ledger import Write, describe
 
 if t.TYPE_CHECKING:
@@ -139,20 +144,6 @@ class BackfillNotPendingError(Exception):
         super().__init__(f"backfill {backfill_id} refused events: {detail}")
         self.backfill_id = backfill_id
         self.response = response
-
-
-def _refuses_backfill(response: Response, body: bytes) -> bool:
-    """An ingest answer that refuses the backfill itself (not any event in the request)."""
-    if not isinstance(response.body, dict):
-        return False
-    text = orb_error_summary(response.body, 2000).lower()
-    if "backfill" not in text:
-        return False
-    try:
-        keys = [e.get("idempotency_key") for e in jsonutil.loads(body).get("events", [])]
-    except (ValueError, AttributeError):
-        return False
-    return not rejected_keys(response.body, [k for k in keys if isinstance(k, str)])
 
 
 def utcnow() -> datetime.datetime:
@@ -1201,7 +1192,7 @@ class BackfillManager:
             digest = hashlib.sha256(backfill_id.encode("utf-8") + b"\0" + body).hexdigest()
             headers = {"Idempotency-Key": f"target-orb-bfi-{digest[:48]}"}
             response = client.post_ingest(body, count, backfill_id=backfill_id, headers=headers)
-            if response.status in (400, 404, 409) and _refuses_backfill(response, body):
+            if response.status in (400, 404, 409) and refuses_backfill(response.body, body):
                 raise BackfillNotPendingError(backfill_id, response)
             return response
 

@@ -13,18 +13,13 @@ events that were never amended, so the ledger is what remembers amended keys.
 
 from __future__ import annotations
 
-import decimal
 import enum
-import hashlib
 import typing as t
 from dataclasses import dataclass
 
-from target_orb import jsonutil
 from target_orb.mapping.timestamps import TimestampError, parse_and_format
 from target_orb.orb.answers import orb_error_summary
-
-OrbEvent = dict[str, t.Any]
-CUSTOMER_KEYS = ("customer_id", "external_customer_id")
+from target_orb.state.digests import CUSTOMER_KEYS, Known, OrbEvent, body_digest
 
 
 class Action(enum.Enum):
@@ -40,27 +35,6 @@ class Action(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Known:
-    """What Orb holds for a key, as far as target-orb can tell.
-
-    From the ledger (what Orb acknowledged to target-orb) or from Orb's search.
-    """
-
-    body: OrbEvent | None  # AmendedEvent fields; None when only the digest is known
-    digest: str | None  # digest of the body Orb holds; None when unknown (only attempted)
-    amended: bool = False
-    deprecated: bool = False
-    pending_op: str | None = None  # a write was sent and its answer never recorded
-    pending_digest: str | None = None
-    source: t.Literal["ledger", "search"] = "ledger"
-
-    @property
-    def confirmed(self) -> bool:
-        """Orb acknowledged a body or a deprecation for this key."""
-        return self.digest is not None or self.deprecated
-
-
-@dataclass(frozen=True, slots=True)
 class Decision:
     """The action for one key and, for a refusal, why."""
 
@@ -71,52 +45,12 @@ class Decision:
 # -- bodies and digests ----------------------------------------------------------------
 
 
-def _canonical_value(value: t.Any) -> t.Any:
-    """Numbers compare by value (5, 5.0 and Decimal("5.00") are equal), strings stay strings."""
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, (int, float, decimal.Decimal)):
-        try:
-            number = decimal.Decimal(str(value) if isinstance(value, float) else value)
-            return {"n": format(number.normalize(), "f")}
-        except (decimal.InvalidOperation, ValueError):
-            return {"n": str(value)}
-    if isinstance(value, t.Mapping):
-        return {str(k): _canonical_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical_value(v) for v in value]
-    return value
-
-
 def normalize_timestamp(value: t.Any) -> t.Any:
     """Orb's timestamp text in target-orb's format, so search results compare with events."""
     try:
         return parse_and_format(value)[1]
     except (TimestampError, TypeError, ValueError):
         return value
-
-
-def amendment_body(event: t.Mapping[str, t.Any]) -> OrbEvent:
-    """The AmendedEvent fields of an event: exactly event_name, timestamp, properties and one
-    customer field (Orb refuses an `idempotency_key` in an amendment, orb-api.md §4.1).
-
-    Args:
-        event: A mapped Orb event, or Orb's stored event from search.
-
-    Returns:
-        The body to PUT, also what the ledger digests.
-    """
-    body: OrbEvent = {
-        "event_name": event.get("event_name"),
-        "timestamp": event.get("timestamp"),
-        "properties": event.get("properties") or {},
-    }
-    for key in CUSTOMER_KEYS:
-        value = event.get(key)
-        if value not in (None, ""):
-            body[key] = value
-            break
-    return body
 
 
 def orb_body(found: t.Mapping[str, t.Any], customer_key: str) -> OrbEvent:
@@ -144,19 +78,6 @@ def orb_body(found: t.Mapping[str, t.Any], customer_key: str) -> OrbEvent:
     else:
         body[customer_key] = value
     return body
-
-
-def body_digest(body: t.Mapping[str, t.Any]) -> str:
-    """sha256 of the canonical AmendedEvent body (key order and number spelling ignored).
-
-    Args:
-        body: AmendedEvent fields (`amendment_body`).
-
-    Returns:
-        64 hex characters.
-    """
-    canonical = _canonical_value(amendment_body(body))
-    return hashlib.sha256(jsonutil.dumps_sorted(canonical)).hexdigest()
 
 
 def customer_of(body: t.Mapping[str, t.Any] | None) -> tuple[str, str] | None:
@@ -233,56 +154,9 @@ class Refusal(t.NamedTuple):
     reason: str
 
 
-REFUSAL_CODES = (
-    "timestamp_changed",
-    "customer_changed",
-    "unknown_customer",
-    "closed_period",
-    "amendment_cap",
-    "event_not_found",
-    "other",
-)
-
-
 def _who(body: t.Mapping[str, t.Any] | None) -> str:
     customer = customer_of(body)
     return f"{customer[0]} {customer[1]!r}" if customer else "the customer"
-
-
-def refusal_code(status: int, body: t.Any) -> str:
-    """Which of Orb's correction rules a refusal names (reference/orb-api.md §4.1-4.2).
-
-    Orb's error bodies carry a `type` and a prose `title`/`detail`; the rule is read from
-    the prose, so an unknown wording falls back to `other` (the reason then quotes Orb).
-
-    Args:
-        status: HTTP status (4xx).
-        body: Decoded error body.
-
-    Returns:
-        One of REFUSAL_CODES.
-    """
-    text = orb_error_summary(body, 2000).lower()
-    if "timestamp" in text and any(w in text for w in ("match", "differ", "same", "change")):
-        return "timestamp_changed"
-    if any(w in text for w in ("amend", "deprecat", "correction", "event")) and any(
-        w in text for w in ("limit", "cap ", "exceed", "too many", "100 events", "quota")
-    ):
-        return "amendment_cap"
-    if "customer" in text and any(
-        w in text for w in ("not found", "does not exist", "no customer", "unknown", "not exist")
-    ):
-        return "unknown_customer"
-    if "customer" in text and any(w in text for w in ("match", "differ", "same", "change")):
-        return "customer_changed"
-    if any(
-        w in text
-        for w in ("billing period", "grace", "invoiced", "closed period", "period", "too old")
-    ):
-        return "closed_period"
-    if status == 404 or ("event" in text and "not found" in text):
-        return "event_not_found"
-    return "other"
 
 
 def refusal_reason(
@@ -363,25 +237,3 @@ def refusal_reason(
     return f"Orb refused the correction ({code}): {text}{orb_said}"
 
 
-def is_not_found(status: int, body: t.Any) -> bool:
-    """Orb says it holds no event under the key (not a wrong URL, not a missing customer).
-
-    Args:
-        status: HTTP status.
-        body: Decoded error body.
-
-    Returns:
-        True for a resource-not-found answer about the event.
-    """
-    if status != 404 and refusal_code(status, body) != "event_not_found":
-        return False
-    text = orb_error_summary(body, 2000).lower()
-    if "url-not-found" in text or "customer" in text:
-        return False
-    return status != 404 or "resource-not-found" in text or "event" in text
-
-
-def already_deprecated(body: t.Any) -> bool:
-    """Orb's refusal says the event is already deprecated (a retried deprecation)."""
-    text = orb_error_summary(body, 2000).lower()
-    return "already deprecated" in text or "already been deprecated" in text

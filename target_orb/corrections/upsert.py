@@ -22,26 +22,23 @@ from urllib.parse import quote
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from target_orb.corrections.decisions import (
-    Action,
-    Known,
-    already_deprecated,
-    amendment_body,
-    body_digest,
-    customer_of,
-    decide,
-    is_not_found,
-    orb_body,
-    refusal_code,
-    refusal_reason,
-)
+from target_orb.corrections.decisions import Action, customer_of, decide, orb_body, refusal_reason
 from target_orb.errors import DeliveryAbortedError, OrbFatalError
 from target_orb.mapping.fields import Invalid, get_path
 from target_orb.mapping.timestamps import TimestampError, parse_and_format
 from target_orb.mapping.track import Mapped, Skip, map_record, source_key
-from target_orb.orb.answers import Outcome, classify, orb_error_summary
+from target_orb.orb.answers import (
+    Outcome,
+    already_deprecated,
+    classify,
+    config_hint,
+    is_not_found,
+    orb_error_summary,
+    refusal_code,
+)
 from target_orb.pipeline.deadletter import DeadLetterEntry, entry
 from target_orb.pipeline.gate import JobResult
+from target_orb.state.digests import Known, amendment_body, body_digest
 from target_orb.state.ledger import Ledger, Write, describe
 
 if t.TYPE_CHECKING:
@@ -599,10 +596,13 @@ class _BatchRun:
         """401/403 and a 404 for a wrong URL stop the run, as for ingest."""
         text = orb_error_summary(response.body, 500).lower()
         if response.status in (401, 403) or (response.status == 404 and "url-not-found" in text):
-            hint = {
-                401: "Check `api_key` (TARGET_ORB_API_KEY).",
-                403: f"The API key is not allowed to {op} events; check its permissions in Orb.",
-            }.get(response.status, "Check `api_url`; it should end in /v1.")
+            hint = config_hint(
+                response.status,
+                unauthorized="Check `api_key` (TARGET_ORB_API_KEY).",
+                forbidden=f"The API key is not allowed to {op} events; check its permissions in "
+                "Orb.",
+                not_found="Check `api_url`; it should end in /v1.",
+            )
             msg = (
                 f"Orb answered HTTP {response.status} to an event {op} "
                 f"({orb_error_summary(response.body, 160)}). {hint} No STATE was written past "

@@ -17,7 +17,14 @@ from urllib.parse import quote
 from target_orb import jsonutil
 from target_orb.errors import DeliveryAbortedError, OrbFatalError
 from target_orb.mapping.traits import MergedUpdate, Update, merge_updates
-from target_orb.orb.answers import Answer, classify_answer, orb_error_summary
+from target_orb.orb.answers import (
+    API_KEY_HINT,
+    API_URL_HINT,
+    Answer,
+    classify_answer,
+    config_hint,
+    orb_error_summary,
+)
 from target_orb.pipeline.deadletter import DeadLetterEntry, entry
 from target_orb.pipeline.gate import JobResult
 
@@ -231,15 +238,12 @@ class CustomerUpdater:
 
     def _fatal_message(self, response: Response, count: int) -> str:
         status = response.status
-        hint = {
-            401: "Orb rejected the API key. Check `api_key` (TARGET_ORB_API_KEY); test-mode "
-                 "and live keys differ.",
-            403: "The API key (`api_key`) is not allowed to update customers; check its "
-                 "permissions in Orb, or set `identify_policy: skip`.",
-        }.get(
+        hint = config_hint(
             status,
-            "Nothing answers at that URL. Check `api_url` (TARGET_ORB_API_URL); it should end "
-            "in /v1, e.g. https://api.withorb.com/v1.",
+            unauthorized="Orb rejected the API key. " + API_KEY_HINT,
+            forbidden="The API key (`api_key`) is not allowed to update customers; check its "
+            "permissions in Orb, or set `identify_policy: skip`.",
+            not_found="Nothing answers at that URL. " + API_URL_HINT,
         )
         return (
             f"Orb answered HTTP {status} to {self._what} "

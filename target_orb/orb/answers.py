@@ -7,6 +7,8 @@ import enum
 import time
 import typing as t
 
+from target_orb import jsonutil
+
 # Plus every 5xx (docs.withorb.com/reference/reliability, .../reference/error-responses).
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 FATAL_STATUSES = frozenset({401, 403, 404})
@@ -41,6 +43,42 @@ def classify(status: int) -> Outcome:
     if status in FATAL_STATUSES:
         return Outcome.FATAL
     return Outcome.QUARANTINE
+
+
+# What to check when Orb says the setup is wrong (401/403/404), in every message that says so.
+API_KEY_HINT = "Check `api_key` (TARGET_ORB_API_KEY); test-mode and live keys differ."
+API_URL_HINT = (
+    "Check `api_url` (TARGET_ORB_API_URL); it should end in /v1, e.g. https://api.withorb.com/v1."
+)
+
+
+def config_hint(
+    status: int,
+    *,
+    forbidden: str,
+    unauthorized: str = API_KEY_HINT,
+    not_found: str = API_URL_HINT,
+    other: str | None = None,
+) -> str:
+    """The hint a user sees when Orb's answer means a setting must be fixed.
+
+    Args:
+        status: HTTP status (401, 403, 404, or another the caller treats as fatal).
+        forbidden: The hint for 403 (what the key is not allowed to do).
+        unauthorized: The hint for 401.
+        not_found: The hint for 404 (and for any other status when `other` is None).
+        other: The hint for any other status.
+
+    Returns:
+        The hint.
+    """
+    if status == 401:
+        return unauthorized
+    if status == 403:
+        return forbidden
+    if status == 404 or other is None:
+        return not_found
+    return other
 
 
 def retry_after_seconds(
@@ -182,3 +220,96 @@ def classify_answer(status: int, body: t.Any) -> Answer:
     if status in (401, 403):
         return Answer.FATAL
     return Answer.REJECTED
+
+
+REFUSAL_CODES = (
+    "timestamp_changed",
+    "customer_changed",
+    "unknown_customer",
+    "closed_period",
+    "amendment_cap",
+    "event_not_found",
+    "other",
+)
+
+
+def refusal_code(status: int, body: t.Any) -> str:
+    """Which of Orb's correction rules a refusal names (reference/orb-api.md §4.1-4.2).
+
+    Orb's error bodies carry a `type` and a prose `title`/`detail`; the rule is read from
+    the prose, so an unknown wording falls back to `other` (the reason then quotes Orb).
+
+    Args:
+        status: HTTP status (4xx).
+        body: Decoded error body.
+
+    Returns:
+        One of REFUSAL_CODES.
+    """
+    text = orb_error_summary(body, 2000).lower()
+    if "timestamp" in text and any(w in text for w in ("match", "differ", "same", "change")):
+        return "timestamp_changed"
+    if any(w in text for w in ("amend", "deprecat", "correction", "event")) and any(
+        w in text for w in ("limit", "cap ", "exceed", "too many", "100 events", "quota")
+    ):
+        return "amendment_cap"
+    if "customer" in text and any(
+        w in text for w in ("not found", "does not exist", "no customer", "unknown", "not exist")
+    ):
+        return "unknown_customer"
+    if "customer" in text and any(w in text for w in ("match", "differ", "same", "change")):
+        return "customer_changed"
+    if any(
+        w in text
+        for w in ("billing period", "grace", "invoiced", "closed period", "period", "too old")
+    ):
+        return "closed_period"
+    if status == 404 or ("event" in text and "not found" in text):
+        return "event_not_found"
+    return "other"
+
+
+def is_not_found(status: int, body: t.Any) -> bool:
+    """Orb says it holds no event under the key (not a wrong URL, not a missing customer).
+
+    Args:
+        status: HTTP status.
+        body: Decoded error body.
+
+    Returns:
+        True for a resource-not-found answer about the event.
+    """
+    if status != 404 and refusal_code(status, body) != "event_not_found":
+        return False
+    text = orb_error_summary(body, 2000).lower()
+    if "url-not-found" in text or "customer" in text:
+        return False
+    return status != 404 or "resource-not-found" in text or "event" in text
+
+
+def already_deprecated(body: t.Any) -> bool:
+    """Orb's refusal says the event is already deprecated (a retried deprecation)."""
+    text = orb_error_summary(body, 2000).lower()
+    return "already deprecated" in text or "already been deprecated" in text
+
+
+def refuses_backfill(answer: t.Any, body: bytes) -> bool:
+    """An ingest answer that refuses the backfill itself (not any event in the request).
+
+    Args:
+        answer: The decoded body of Orb's answer to an ingest into a backfill.
+        body: The request body that was sent.
+
+    Returns:
+        True when Orb refuses the backfill, naming none of the request's events.
+    """
+    if not isinstance(answer, dict):
+        return False
+    text = orb_error_summary(answer, 2000).lower()
+    if "backfill" not in text:
+        return False
+    try:
+        keys = [e.get("idempotency_key") for e in jsonutil.loads(body).get("events", [])]
+    except (ValueError, AttributeError):
+        return False
+    return not rejected_keys(answer, [k for k in keys if isinstance(k, str)])

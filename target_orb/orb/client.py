@@ -15,7 +15,7 @@ from requests.utils import get_environ_proxies, prepend_scheme_if_needed, select
 
 from target_orb import jsonutil
 from target_orb.errors import OrbFatalError
-from target_orb.orb.answers import orb_error_summary
+from target_orb.orb.answers import API_KEY_HINT, API_URL_HINT, config_hint, orb_error_summary
 from target_orb.orb.delivery import Response, TransportError
 
 LOGGER = logging.getLogger("target_orb.orb.client")
@@ -272,13 +272,13 @@ class OrbClient:
                 response.status, self.ping_url,
             )
             return
-        hint = {
-            401: "Orb rejected the API key. Check `api_key` (TARGET_ORB_API_KEY); test-mode "
-                 "and live keys differ.",
-            403: "The API key is not allowed here; check its permissions in Orb.",
-            404: "Nothing answers there. Check `api_url` (TARGET_ORB_API_URL); it should end "
-                 "in /v1, e.g. https://api.withorb.com/v1.",
-        }.get(response.status, "Check `api_url` and Orb's status page, then rerun.")
+        hint = config_hint(
+            response.status,
+            unauthorized="Orb rejected the API key. " + API_KEY_HINT,
+            forbidden="The API key is not allowed here; check its permissions in Orb.",
+            not_found="Nothing answers there. " + API_URL_HINT,
+            other="Check `api_url` and Orb's status page, then rerun.",
+        )
         msg = (
             f"Orb answered HTTP {response.status} to GET {self.ping_url} "
             f"({orb_error_summary(response.body, 160)}). {hint}"

@@ -25,6 +25,7 @@ from target_orb.orb.answers import (
     MAX_BACKOFF_SECONDS,
     Outcome,
     classify,
+    config_hint,
     orb_error_summary,
     rejected_keys,
     retry_after_seconds,
@@ -277,13 +278,12 @@ class Deliverer:
 
     def _fatal_message(self, response: Response, count: int) -> str:
         status = response.status
-        hint = {
-            401: "Check `api_key` (TARGET_ORB_API_KEY); test-mode and live keys differ.",
-            403: "The API key (`api_key`) is not allowed to ingest events; check its "
-                 "permissions in Orb.",
-            404: "Check `api_url` (TARGET_ORB_API_URL); it should end in /v1, e.g. "
-                 "https://api.withorb.com/v1.",
-        }.get(status, "")
+        hint = config_hint(
+            status,
+            forbidden="The API key (`api_key`) is not allowed to ingest events; check its "
+            "permissions in Orb.",
+            other="",
+        )
         return (
             f"Orb answered HTTP {status} to POST {self._url} "
             f"({orb_error_summary(response.body, 160)}). {hint} {count} events were not "

@@ -31,8 +31,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from target_orb import jsonutil
-from target_orb.corrections.decisions import Known
 from target_orb.errors import OrbFatalError
+from target_orb.state.digests import Known
 
 LEDGER_FILE_NAME = "target-orb-ledger.sqlite"
 TABLE_NAME = "target_orb_ledger"

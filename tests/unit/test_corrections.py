@@ -6,17 +6,9 @@ import decimal
 
 import pytest
 
-from target_orb.corrections.decisions import (
-    Action,
-    Known,
-    amendment_body,
-    body_digest,
-    decide,
-    is_not_found,
-    orb_body,
-    refusal_code,
-    refusal_reason,
-)
+from target_orb.corrections.decisions import Action, decide, orb_body, refusal_reason
+from target_orb.orb.answers import is_not_found, refusal_code
+from target_orb.state.digests import Known, amendment_body, body_digest
 
 EVENT = {
     "idempotency_key": "k1",

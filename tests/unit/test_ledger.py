@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from target_orb.corrections.decisions import body_digest
 from target_orb.errors import OrbFatalError
+from target_orb.state.digests import body_digest
 from target_orb.state.ledger import LEDGER_FILE_NAME, RETENTION, Ledger, Write, default_url
 
 UTC = datetime.timezone.utc

@@ -8,11 +8,11 @@ import threading
 
 import pytest
 
-from target_orb.corrections.decisions import amendment_body
 from target_orb.corrections.upsert import Item, KeyOrder, Upserter
 from target_orb.errors import OrbFatalError
 from target_orb.mapping.spec import build_mapping_spec
 from target_orb.orb.delivery import DeliveryResult, Response
+from target_orb.state.digests import amendment_body
 from target_orb.state.ledger import Ledger
 
 UTC = datetime.timezone.utc
