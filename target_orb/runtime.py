@@ -11,7 +11,8 @@ import threading
 import typing as t
 
 from target_orb import jsonutil
-from target_orb.backfill.manager import BackfillManager, OwnershipRecord, record_path_for
+from target_orb.backfill.manager import BackfillManager
+from target_orb.backfill.ownership import OwnershipRecord, record_path_for
 from target_orb.corrections.upsert import LiveOrbPort, Upserter
 from target_orb.errors import OrbFatalError
 from target_orb.identify.customers import CustomerUpdater

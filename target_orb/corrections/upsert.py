@@ -47,7 +47,8 @@ if t.TYPE_CHECKING:
     from target_orb.orb.delivery import Deliverer, DeliveryResult, Limiter, Response
     from target_orb.pipeline.gate import Pipeline
 
-LOGGER = logging.getLogger("target_orb.corrections.upsert")
+# Named as before the package had folders: log lines and logging configs name it.
+LOGGER = logging.getLogger("target_orb.upsert")
 DELETED_FIELD = "_sdc_deleted_at"
 _UTC = datetime.timezone.utc
 _ONE_SECOND = datetime.timedelta(seconds=1)

@@ -34,7 +34,8 @@ if t.TYPE_CHECKING:
     from target_orb.pipeline.gate import Pipeline
     from target_orb.pipeline.stats import RunStats
 
-LOGGER = logging.getLogger("target_orb.identify.customers")
+# Named as before the package had folders: log lines and logging configs name it.
+LOGGER = logging.getLogger("target_orb.customers")
 _WAIT_STEP = 0.05  # seconds between checks for a shutdown while waiting for an earlier update
 _ABORT_GRACE = 10.0  # seconds to let a failed earlier update report its own error first
 

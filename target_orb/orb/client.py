@@ -18,7 +18,8 @@ from target_orb.errors import OrbFatalError
 from target_orb.orb.answers import API_KEY_HINT, API_URL_HINT, config_hint, orb_error_summary
 from target_orb.orb.delivery import Response, TransportError
 
-LOGGER = logging.getLogger("target_orb.orb.client")
+# Named as before the package had folders: log lines and logging configs name it.
+LOGGER = logging.getLogger("target_orb.client")
 try:
     USER_AGENT = f"target-orb/{importlib.metadata.version('target-orb')}"
 except importlib.metadata.PackageNotFoundError:  # running from a source tree

@@ -31,7 +31,8 @@ from target_orb.orb.answers import (
     retry_after_seconds,
 )
 
-LOGGER = logging.getLogger("target_orb.orb.delivery")
+# Named as before the package had folders: log lines and logging configs name it.
+LOGGER = logging.getLogger("target_orb.delivery")
 
 
 def equal_jitter(rand: t.Callable[[], float]) -> t.Callable[[float], float]:

@@ -27,7 +27,8 @@ import time
 import typing as t
 from dataclasses import dataclass
 
-LOGGER = logging.getLogger("target_orb.orb.ratelimit")
+# Named as before the package had folders: log lines and logging configs name it.
+LOGGER = logging.getLogger("target_orb.ratelimit")
 
 _FIRST_GAP = 1.0  # first probe after a 429 while nothing is known about the window
 _MAX_GAP = 30.0

@@ -42,7 +42,8 @@ from target_orb.orb.delivery import Deliverer
 from target_orb.pipeline.deadletter import DeadLetterEntry, DeadLetterWriter, entry
 from target_orb.pipeline.stats import RunStats
 
-LOGGER = logging.getLogger("target_orb.pipeline.gate")
+# Named as before the package had folders: log lines and logging configs name it.
+LOGGER = logging.getLogger("target_orb.pipeline")
 
 
 @dataclass(slots=True)

@@ -24,7 +24,8 @@ import typing as t
 
 from singer_sdk.exceptions import InvalidInputLine
 
-LOGGER = logging.getLogger("target_orb.singer.reader")
+# Named as before the package had folders: log lines and logging configs name it.
+LOGGER = logging.getLogger("target_orb.reader")
 _CHUNK = 1 << 16
 _EXCERPT = 120
 _WHITESPACE = " \t\r\n"

@@ -106,7 +106,8 @@ from typing_extensions import override
 from target_orb.config_checks import structured_shape, unknown_env_vars
 from target_orb.singer.reader import InvalidRecordHandler, bad_line, input_lines, read_careful
 
-LOGGER = logging.getLogger("target_orb.singer.reader")
+# Named as before the package had folders: log lines and logging configs name it.
+LOGGER = logging.getLogger("target_orb.reader")
 
 
 class SeamSink(BatchSink):

@@ -17,17 +17,10 @@ from collections import Counter
 import pytest
 
 from target_orb import jsonutil
-from target_orb.backfill.manager import (
-    CLOSE_AFTER,
-    PENDING,
-    BackfillManager,
-    OwnershipRecord,
-    Window,
-    group_by_window,
-    month_window,
-    record_path_for,
-    window_of,
-)
+from target_orb.backfill.manager import BackfillManager
+from target_orb.backfill.ownership import OwnershipRecord, record_path_for
+from target_orb.backfill.requests import CLOSE_AFTER, PENDING
+from target_orb.backfill.windows import Window, group_by_window, month_window, window_of
 from target_orb.config_checks import config_problems
 from target_orb.errors import OrbFatalError
 from target_orb.mapping.fields import Invalid

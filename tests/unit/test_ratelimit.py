@@ -113,7 +113,7 @@ def test_rate_limiter_summarises_429s_once_a_window(caplog):
     limiter = RateLimiter(
         clock=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)
     )
-    with caplog.at_level("WARNING", logger="target_orb.orb.ratelimit"):
+    with caplog.at_level("WARNING", logger="target_orb.ratelimit"):
         for _ in range(20):
             ticket = limiter.acquire(10)
             limiter.refused(ticket)
