@@ -13,7 +13,8 @@ import typing as t
 from target_orb import jsonutil
 from target_orb.backfill.manager import BackfillManager
 from target_orb.backfill.ownership import OwnershipRecord, record_path_for
-from target_orb.corrections.upsert import LiveOrbPort, Upserter
+from target_orb.corrections.port import LiveOrbPort
+from target_orb.corrections.upsert import Upserter
 from target_orb.errors import OrbFatalError
 from target_orb.identify.customers import CustomerUpdater
 from target_orb.mapping.spec import build_mapping_spec

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from target_orb.corrections.upsert import Item, KeyOrder, Upserter
+from target_orb.corrections.batch import Item
+from target_orb.corrections.upsert import KeyOrder, Upserter
 from target_orb.errors import OrbFatalError
 from target_orb.mapping.spec import build_mapping_spec
 from target_orb.orb.delivery import DeliveryResult, Response
