@@ -14,7 +14,7 @@ How history is loaded (README "Loading history"; Orb API reference: event backfi
   the open month's backfill ends at the boundary. An event newer than the current
   backfill's end waits until the boundary has passed it (at most `SKEW_MARGIN` plus the
   clock difference; bounded by `max_retry_seconds`), then the window continues in a new
-  backfill reaching past it. Events are late (mapping.backfill_threshold) exactly when they
+  backfill reaching past it. Events are late (mapping.track.backfill_threshold) exactly when they
   are older than now - grace: newer ones go live, and one Orb's live ingest refuses as too
   old comes here.
 - **Create.** `POST /v1/events/backfills` with `replace_existing_events: false` sent
@@ -59,7 +59,7 @@ How history is loaded (README "Loading history"; Orb API reference: event backfi
   through a new backfill. Each backfill ingest request also carries a deterministic
   `Idempotency-Key` (backfill id + body), so a retried request is a replay, not a second copy.
 - **Close.** Every backfill a run created is closed before the run exits: at the end of the
-  input, and on failure and SIGTERM/SIGINT paths too (`_Runtime.finish_backfills`). A run
+  input, and on failure and SIGTERM/SIGINT paths too (`Runtime.finish_backfills`, runtime.py). A run
   killed outright leaves it pending until its `close_time`; the next run closes it.
 - **STATE** moves past a late event once it is ingested into a backfill (Orb reflects it at
   close or at `close_time`, so it is not lost), found already in Orb, or dead-lettered: the

@@ -224,7 +224,7 @@ def build_properties(source: t.Mapping[str, t.Any], spec: MappingSpec) -> dict[s
 
 
 class NestedBuilder(t.Protocol):
-    """What passthrough needs of a builder (properties here, traits in identify.py)."""
+    """What passthrough needs of a builder (properties here, traits in mapping/traits.py)."""
 
     nested: str
 
