@@ -1,14 +1,14 @@
 """Pure decisions for `load_method: upsert`: what to do with each key, and what Orb's refusals mean.
 
 No I/O here: callers pass what the ledger knows, what Orb's search found and the current
-time. The I/O (ledger, search, ingest, amend, deprecate) is in target_orb/corrections/upsert.py.
+time. The I/O (ledger, search, ingest, amend, deprecate) is in corrections/upsert.py and batch.py.
 
-Orb's rules for corrections (reference/orb-api.md §4): an amendment (`PUT /v1/events/{id}`)
-keeps the key, timestamp and customer of the stored event and replaces its body; a
-deprecation (`PUT /v1/events/{id}/deprecate`) stops it counting. Both need an existing
-customer, a timestamp in the customer's current billing period (or the previous period's
-grace), and at most 100 corrections per customer per 100 days by default. Search finds only
-events that were never amended, so the ledger is what remembers amended keys.
+Orb's rules for corrections (orb-billing resources/events/events.py, `update` and `deprecate`):
+an amendment (`PUT /v1/events/{id}`) keeps the key, timestamp and customer of the stored event
+and replaces its body; a deprecation (`PUT /v1/events/{id}/deprecate`) stops it counting. Both
+need an existing customer, a timestamp in the customer's current billing period (or the
+previous period's grace), and at most 100 corrections per customer per 100 days by default.
+Search finds only events that were never amended, so the ledger is what remembers amended keys.
 """
 
 from __future__ import annotations

@@ -270,7 +270,7 @@ CUSTOMER_PATH = "/customers/external_customer_id/"
 
 def customer_path(customer: str) -> str:
     """`/customers/external_customer_id/{id}` with the id URL-encoded (`/`, `?`, spaces,
-    unicode: reference/orb-api.md §5, "URL-encode external_customer_id in paths").
+    unicode: as orb-billing builds it, `path_template` in resources/customers/customers.py).
 
     Args:
         customer: The external customer id.

@@ -1,12 +1,13 @@
-"""Pure Identify → Orb customer metadata: routing, traits → string metadata, merging, outcomes.
+"""Pure Identify → Orb customer metadata: routing, traits → string metadata, merging.
 
 With `identify_policy: customer_metadata`, an Identify record (Segment `type` `identify`, or a
-row of an Identify stream such as a warehouse `identifies` table) becomes an update of the
-Orb customer's `metadata` (`PUT /v1/customers/external_customer_id/{id}` with exactly
-`{"metadata": {...}}`, reference/orb-api.md §5). Orb stores metadata values as strings; a
-`null` value deletes that one key; `"metadata": null` would clear every key and is never
-built here. Only mapped traits (or every trait with `traits_passthrough`) are kept: the rest
-never leaves this module, and no message built here quotes a trait value.
+row of an Identify stream such as a warehouse `identifies` table) becomes an update of the Orb
+customer's `metadata` (`PUT /v1/customers/external_customer_id/{id}` with exactly `{"metadata":
+{...}}`; orb-billing resources/customers/customers.py, `update_by_external_id`). Orb stores
+metadata values as strings; a `null` value deletes that one key; `"metadata": null` would clear
+every key and is never built here. Only mapped traits (or every trait with
+`traits_passthrough`) are kept: the rest never leaves this module, and no message built here
+quotes a trait value.
 """
 
 from __future__ import annotations

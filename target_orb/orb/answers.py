@@ -12,7 +12,7 @@ from target_orb import jsonutil
 # Plus every 5xx (docs.withorb.com/reference/reliability, .../reference/error-responses).
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 FATAL_STATUSES = frozenset({401, 403, 404})
-MAX_BACKOFF_SECONDS = 30.0  # cap of the retry schedule (delivery.retry_delays)
+MAX_BACKOFF_SECONDS = 30.0  # cap of the retry schedule (orb.delivery.retry_delays)
 
 
 class Outcome(enum.Enum):
@@ -187,7 +187,7 @@ def rejected_keys(body: t.Any, keys: t.Collection[str]) -> dict[str, list[str]]:
     return found
 
 
-# Error type suffixes Orb sends with a 404 (reference/orb-api.md §1.1).
+# Error type suffixes Orb sends with a 404 (orb-billing `_exceptions.py`, `NotFoundError` types).
 NOT_FOUND_TYPE = "404-resource-not-found"
 
 
@@ -234,7 +234,7 @@ REFUSAL_CODES = (
 
 
 def refusal_code(status: int, body: t.Any) -> str:
-    """Which of Orb's correction rules a refusal names (reference/orb-api.md §4.1-4.2).
+    """Which of Orb's correction rules a refusal names (orb-billing events.py, update/deprecate).
 
     Orb's error bodies carry a `type` and a prose `title`/`detail`; the rule is read from
     the prose, so an unknown wording falls back to `other` (the reason then quotes Orb).

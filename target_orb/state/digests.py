@@ -59,7 +59,8 @@ def _canonical_value(value: t.Any) -> t.Any:
 
 def amendment_body(event: t.Mapping[str, t.Any]) -> OrbEvent:
     """The AmendedEvent fields of an event: exactly event_name, timestamp, properties and one
-    customer field (Orb refuses an `idempotency_key` in an amendment, orb-api.md §4.1).
+    customer field (Orb refuses an `idempotency_key` in an amendment: orb-billing
+    resources/events/events.py, `update`).
 
     Args:
         event: A mapped Orb event, or Orb's stored event from search.
