@@ -11,10 +11,6 @@ from target_orb.mapping.timestamps import TimestampError, format_orb, to_utc
 _UTC = datetime.timezone.utc
 
 
-# "Orb allows backfills up to 31 days in duration" (Orb API reference, Create backfill).
-MAX_WINDOW_DAYS = 31
-
-
 def utcnow() -> datetime.datetime:
     """The current time, aware UTC."""
     return datetime.datetime.now(_UTC)

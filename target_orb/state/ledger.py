@@ -224,12 +224,6 @@ class Ledger:
                     )
         return found
 
-    def count(self) -> int:
-        """Number of entries (tests, diagnostics)."""
-        with self._guard(), self._connect() as conn:
-            query = sa.select(sa.func.count()).select_from(ledger_table)
-            return int(conn.execute(query).scalar_one())
-
     # -- writes --------------------------------------------------------------------------
 
     def mark_pending(self, writes: t.Sequence[Write]) -> None:
