@@ -102,6 +102,7 @@ class Runtime:
             abort=self.abort,
             limiter=self.ingest_limiter,
             on_retry=self.stats.add_retry,
+            on_sent=self.stats.add_sent,
         )
 
     def finish_backfills(self, *, failed: bool, budget: float = 60.0) -> None:
@@ -253,6 +254,7 @@ def _build_ingest(
         abort=runtime.abort,
         limiter=limiter,
         on_retry=runtime.stats.add_retry,
+        on_sent=runtime.stats.add_sent,
     )
     return client, limiter, deliverer
 
@@ -325,7 +327,6 @@ def _build_corrections(runtime: Runtime, config: t.Mapping[str, t.Any]) -> Upser
         deprecate_deleted_events=bool(config.get("deprecate_deleted_events")),
         aborted=lambda: pipeline.error is not None,
         note_derived_key=runtime.note_derived_key,
-        run_stats=runtime.stats,
         late_threshold=(
             (lambda now: backfill_threshold(now, spec.grace_period_hours))
             if spec.late_event_policy == "backfill" else None

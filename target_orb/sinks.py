@@ -271,6 +271,4 @@ class OrbSink(SeamSink):
         if backfills.dry_run:
             pipeline.submit(stream, events, records)
             return
-        with runtime.stats.lock:
-            runtime.stats.events_sent += len(events)
         pipeline.submit_job(stream, backfills.live_job(stream, events, records), len(events))

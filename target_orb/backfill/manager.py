@@ -142,6 +142,9 @@ class BackfillManager(BackfillLifecycle):
                 )
                 with self._stats.lock:
                     self._stats.late_rerouted += len(old)
+                    # Counted when the live request went out (Deliverer); each counts again
+                    # in the request that sends it into a backfill, and once in all.
+                    self._stats.events_sent -= len(old)
                 self._learn_edge([events[i] for i in old])
                 done = self._load(stream, [events[i] for i in old], [records[i] for i in old])
                 accepted += done.accepted
@@ -383,8 +386,6 @@ class BackfillManager(BackfillLifecycle):
         newest = max(t.cast("datetime.datetime", instant(events[i]["timestamp"])) for i in send)
         deliverer = self._ensure_backfill(load, newest)
         batch = [events[i] for i in send]
-        with self._stats.lock:
-            self._stats.events_sent += len(batch)
         try:
             result = deliverer.deliver(batch)
         except OrbFatalError as exc:

@@ -208,9 +208,6 @@ class BatchRun:
         for start in range(0, len(events), 500):
             part_items = items[start:start + 500]
             part = events[start:start + 500]
-            if self.o.run_stats is not None:
-                with self.o.run_stats.lock:
-                    self.o.run_stats.events_sent += len(part)
             result = self.o.port.deliver(part)
             self.result.requests += result.requests
             acked = [part_items[i] for i in result.accepted]

@@ -160,7 +160,6 @@ class Upserter:
         aborted: t.Callable[[], bool] = lambda: False,
         late_threshold: t.Callable[[datetime.datetime], datetime.datetime] | None = None,
         note_derived_key: t.Callable[[str], None] | None = None,
-        run_stats: t.Any = None,
         backfill_load: BackfillLoad | None = None,
     ) -> None:
         """Wire the corrections path.
@@ -174,7 +173,6 @@ class Upserter:
             aborted: True once the run is stopping.
             late_threshold: now → the time before which a new key is late.
             note_derived_key: Called when a record had no key (warning once).
-            run_stats: The run's RunStats (`events_sent`), when there is one.
             backfill_load: Loads late new events through Orb backfills
                 (`late_event_policy: backfill`; the backfill manager's job, run inline).
         """
@@ -190,7 +188,6 @@ class Upserter:
             lambda now: now - datetime.timedelta(hours=spec.grace_period_hours)
         )
         self.note_derived_key = note_derived_key
-        self.run_stats = run_stats
         self.backfill_load = backfill_load
         self.stats = CorrectionStats()
         self.order = KeyOrder()

@@ -157,6 +157,7 @@ class Deliverer:
         rand: t.Callable[[], float] = random.random,
         limiter: Limiter | None = None,
         on_retry: t.Callable[[], None] | None = None,
+        on_sent: t.Callable[[int], None] | None = None,
     ) -> None:
         """Wire the deliverer.
 
@@ -172,6 +173,9 @@ class Deliverer:
             rand: Uniform [0, 1) for jitter.
             limiter: Shared client-side rate limiter.
             on_retry: Called once per retry (for counters).
+            on_sent: Called once per `deliver` with the number of events going to Orb: the
+                run's `events_sent` is counted here (an event Orb refused live as too old is
+                taken back when it is rerouted, and counts again in its backfill's request).
         """
         self._send = send
         self._url = url
@@ -183,6 +187,7 @@ class Deliverer:
         self._rand = rand
         self._limiter = limiter or _NoLimit()
         self._on_retry = on_retry
+        self._on_sent = on_sent
 
     def deliver(self, events: t.Sequence[dict[str, t.Any]]) -> DeliveryResult:
         """Deliver events until each is accepted or rejected with a reason.
@@ -199,6 +204,8 @@ class Deliverer:
             DeliveryAbortedError: Shutdown was requested while waiting to retry.
         """
         result = DeliveryResult()
+        if events and self._on_sent is not None:
+            self._on_sent(len(events))
         stack: list[list[int]] = [list(range(len(events)))] if events else []
         while stack:
             part = stack.pop()

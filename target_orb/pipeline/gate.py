@@ -325,11 +325,8 @@ class Pipeline:
         if deliverer is None:
             msg = "target-orb bug: an ingest request was queued on a pipeline without deliverer"
             raise RuntimeError(msg)
-        stats = self._stats
 
         def run() -> JobResult:
-            with stats.lock:
-                stats.events_sent += len(events)
             result = deliverer.deliver(events)
             rejected = [
                 entry(stream, records[i], reason, "orb", events[i])

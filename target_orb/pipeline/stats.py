@@ -56,6 +56,11 @@ class RunStats:
         self.identify_updates_merged = 0
         self.customers_not_found = 0
 
+    def add_sent(self, events: int) -> None:
+        """Count events going to Orb in a request (the Deliverer calls this, once per send)."""
+        with self.lock:
+            self.events_sent += events
+
     def add_retry(self) -> None:
         """Count one retry (called from delivery threads)."""
         with self.lock:
