@@ -308,6 +308,8 @@ def _build_backfills(
         ledger=runtime.ledger,
         issued_policy=str(config.get("issued_period_policy") or "backfill"),
         aborted=runtime.abort.is_set,
+        # Every wait (settling, holding past the boundary) wakes when the run aborts.
+        sleep=runtime.abort.wait,
     )
 
 
@@ -325,7 +327,7 @@ def _build_corrections(runtime: Runtime, config: t.Mapping[str, t.Any]) -> Upser
         port=LiveOrbPort(client, deliverer, write_limiter=runtime.write_limiter),
         pipeline=pipeline,
         deprecate_deleted_events=bool(config.get("deprecate_deleted_events")),
-        aborted=lambda: pipeline.error is not None,
+        aborted=runtime.abort.is_set,
         note_derived_key=runtime.note_derived_key,
         late_threshold=(
             (lambda now: backfill_threshold(now, spec.grace_period_hours))

@@ -159,7 +159,7 @@ class CustomerUpdater:
         """Block until the customer's previous update settled; never overtake a failure."""
         pipeline = self._pipeline
         while not previous.done.wait(_WAIT_STEP):
-            if pipeline.sleep(0):
+            if pipeline.abort.is_set():
                 raise DeliveryAbortedError("delivery aborted before a customer update was sent")
         if not previous.ok:
             # The earlier update failed and is failing the run; let its error be the one

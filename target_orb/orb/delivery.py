@@ -108,7 +108,7 @@ class DeliveryResult:
 class Limiter(t.Protocol):
     """Client-side rate limiting shared by all requests (see target_orb.orb.ratelimit)."""
 
-    def acquire(self, events: int) -> t.Any: ...
+    def acquire(self, events: int, abort: threading.Event | None = None) -> t.Any: ...
     def accepted(self, ticket: t.Any) -> None: ...
     def released(self, ticket: t.Any) -> None: ...
     def refused(self, ticket: t.Any) -> float | None: ...
@@ -119,7 +119,7 @@ class Limiter(t.Protocol):
 class _NoLimit:
     """No pacing: a 429 without Retry-After is retried with backoff."""
 
-    def acquire(self, events: int) -> None:
+    def acquire(self, events: int, abort: threading.Event | None = None) -> None:
         return None
 
     def accepted(self, ticket: t.Any) -> None:
@@ -181,6 +181,7 @@ class Deliverer:
         self._url = url
         self._budget = max_retry_seconds
         self._clock = clock
+        self._abort = abort
         if sleep is None:
             sleep = (abort or threading.Event()).wait
         self._sleep = sleep
@@ -385,7 +386,7 @@ class Deliverer:
         delays = retry_delays(self._rand)
         while True:
             before = self._clock()
-            ticket = limiter.acquire(weight)
+            ticket = limiter.acquire(weight, self._abort)
             if limiter.progressing(self._budget):
                 uncharged += self._clock() - before
             asked: float | None = None

@@ -27,6 +27,8 @@ import time
 import typing as t
 from dataclasses import dataclass
 
+from target_orb.errors import DeliveryAbortedError
+
 # Named as before the package had folders: log lines and logging configs name it.
 LOGGER = logging.getLogger("target_orb.ratelimit")
 
@@ -351,15 +353,19 @@ class RateLimiter:
         if self._epm:
             self._evt_tokens = min(float(self._epm), self._evt_tokens + elapsed * self._epm / 60)
 
-    def acquire(self, events: int) -> Ticket:
+    def acquire(self, events: int, abort: threading.Event | None = None) -> Ticket:
         """Block until one request carrying `events` events may be sent.
 
         Args:
             events: Events in the request (0 for calls other than ingest: one unit each).
                 A request larger than the per-minute cap waits for a full bucket, then goes.
+            abort: The caller's abort signal (the run's): a wait ends at once when it is set.
 
         Returns:
             The ticket to hand back with the answer.
+
+        Raises:
+            DeliveryAbortedError: The abort signal was set while waiting.
         """
         units = float(events) if events > 0 else 1.0
         while True:
@@ -381,7 +387,19 @@ class RateLimiter:
                             self._evt_tokens -= need_events
                         return admitted
                     wait = admitted
-            self._sleep(min(wait, 1.0))
+            self._wait(min(wait, 1.0), abort)
+
+    def _wait(self, seconds: float, abort: threading.Event | None) -> None:
+        """Sleep (the injected sleep in tests); with `abort`, wake when it is set."""
+        if abort is None:
+            self._sleep(seconds)
+            return
+        if self._sleep is time.sleep:
+            abort.wait(seconds)
+        else:
+            self._sleep(seconds)
+        if abort.is_set():
+            raise DeliveryAbortedError("delivery aborted while waiting for the rate limit")
 
     def accepted(self, ticket: Ticket | None) -> None:
         """Orb accepted the attempt made with `ticket`."""

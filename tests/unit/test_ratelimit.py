@@ -11,9 +11,12 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import threading
+import time
 
 import pytest
 
+from target_orb.errors import DeliveryAbortedError
 from target_orb.orb.ratelimit import RateLimiter, Ticket, WindowPacer
 
 
@@ -122,3 +125,17 @@ def test_rate_limiter_summarises_429s_once_a_window(caplog):
     # One line per 5 s while the window is unknown, never one per answer.
     assert 1 <= len(lines) <= clock[0] / 5 + 1
     assert len(lines) < limiter.refusals == 20
+
+
+def test_a_rate_limit_wait_ends_when_the_run_aborts():
+    """The limiter's waits watch the run's abort signal, as retry waits do (issue 16)."""
+    limiter = RateLimiter(requests_per_second=1, name="ingest", unit="events")
+    abort = threading.Event()
+    limiter.acquire(1, abort)  # the bucket's one token
+    timer = threading.Timer(0.05, abort.set)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(DeliveryAbortedError, match="rate limit"):
+        limiter.acquire(1, abort)  # would wait ~1 s for the next token
+    assert time.monotonic() - started < 0.5
+    timer.join()
