@@ -14,9 +14,9 @@ How history is loaded (README "Loading history"; Orb API reference: event backfi
   the open month's backfill ends at the boundary. An event newer than the current
   backfill's end waits until the boundary has passed it (at most `SKEW_MARGIN` plus the
   clock difference; bounded by `max_retry_seconds`), then the window continues in a new
-  backfill reaching past it. Events are late (mapping.track.backfill_threshold) exactly when they
-  are older than now - grace: newer ones go live, and one Orb's live ingest refuses as too
-  old comes here.
+  backfill reaching past it. Events are late (mapping.track.backfill_threshold) exactly
+  when they are older than now - grace: newer ones go live, and one Orb's live ingest
+  refuses as too old comes here.
 - **Create.** `POST /v1/events/backfills` with `replace_existing_events: false` sent
   explicitly (Orb's default is `true`, which would replace every customer's events in the
   timeframe), an explicit `close_time` (creation + 24 h, Orb's own default made explicit),
@@ -52,12 +52,13 @@ How history is loaded (README "Loading history"; Orb API reference: event backfi
   line items' service period overlaps the window; their events in that period follow
   `issued_period_policy` (`backfill`: loaded and reported; `dead_letter`: dead-lettered with
   the invoice named; `fail`: the run stops), and the summary counts them per customer and
-  window. Search cannot see a still-pending backfill, so keys this run put
-  into its own backfills are remembered in memory, and a pending backfill left by a killed
-  run is never written into again: the rerun closes it (its events are then billed once),
-  waits until Orb reflects it, and only then searches and loads the rest of the window
-  through a new backfill. Each backfill ingest request also carries a deterministic
-  `Idempotency-Key` (backfill id + body), so a retried request is a replay, not a second copy.
+  window.
+- **Pending backfills are invisible to search**, so keys this run put into its own backfills
+  are remembered in memory, and a pending backfill left by a killed run is never written into
+  again: the rerun closes it (its events are then billed once), waits until Orb reflects it,
+  and only then searches and loads the rest of the window through a new backfill. Each
+  backfill ingest request also carries a deterministic `Idempotency-Key` (backfill id +
+  body), so a retried request is a replay, not a second copy.
 - **Close.** Every backfill a run created is closed before the run exits: at the end of the
   input, and on failure and SIGTERM/SIGINT paths too (`Runtime.finish_backfills`, runtime.py). A run
   killed outright leaves it pending until its `close_time`; the next run closes it.

@@ -229,59 +229,71 @@ class BackfillLifecycle(BackfillRequests):
         keeps one backfill pending at a time. Another's that is closing is waited for. An
         open one of another's stops the run, naming it.
         """
-        window = load.window
-        now = self._now()
         this_run = {w.backfill_id: w for w in self._loads() if w.backfill_id is not None}
-        pending = self._pending_backfills(refresh=True)
         cleared = False
         foreign_open: dict[str, t.Any] | None = None
-        for backfill in pending:
-            bid = str(backfill.get("id"))
-            start = instant(backfill.get("timeframe_start"))
-            end = instant(backfill.get("timeframe_end"))
-            overlaps = start is not None and end is not None and window.overlaps(start, end)
-            close = instant(backfill.get("close_time"))
-            open_ = backfill.get("status") == "pending" and (close is None or close > now)
-            other = this_run.get(bid)
-            owned = other is not None or self.record.owner_entry(backfill) is not None
-            if owned and not overlaps:
-                self._single = True
-                LOGGER.warning(
-                    "Orb refused a backfill for %s while target-orb's backfill %s is pending: "
-                    "from now on this run keeps one backfill pending at a time.",
-                    window.label, bid,
-                )
-            if other is not None:
-                self._retire(other, "Orb takes one pending backfill at a time")
+        for backfill in self._pending_backfills(refresh=True):
+            if self._clear_pending(load.window, backfill, this_run):
                 cleared = True
-            elif owned:
-                if open_:
-                    self._close(bid)
-                self._wait_settled(bid, window)
-                self.record.update("", self._now(), id=bid, state="closed")
-                cleared = True
-            elif not open_:
-                self._wait_settled(bid, window)
-                cleared = True
-            elif overlaps:
-                raise OrbFatalError(self._foreign_message(backfill, window))
             else:
                 foreign_open = backfill
         if not cleared and foreign_open is not None:
-            other_id = foreign_open.get("id")
-            msg = (
-                f"Orb refused target-orb's backfill for {window.label} "
-                f"({orb_error_summary(refusal.body, 200)}) while backfill {other_id} "
-                f"({foreign_open.get('timeframe_start')} to {foreign_open.get('timeframe_end')}, "
-                f"closes at {foreign_open.get('close_time')}), which target-orb did not create, "
-                "is pending. target-orb never closes another tool's or a person's backfill: "
-                "nothing of this window was sent and no STATE was written past it. Wait until "
-                f"it closes at {foreign_open.get('close_time')} (or close it: POST "
-                f"/v1/events/backfills/{other_id}/close, if whoever created it has finished), then "
-                "rerun."
-            )
-            raise OrbFatalError(msg)
+            raise OrbFatalError(self._blocked_message(load.window, refusal, foreign_open))
         return cleared
+
+    def _clear_pending(
+        self, window: Window, backfill: dict[str, t.Any], this_run: dict[str, WindowLoad]
+    ) -> bool:
+        """Clear one pending backfill out of the way of `window`'s create: close and wait for
+        one of target-orb's own, wait for a closing one of another's. False: another's open
+        backfill that does not overlap `window` (it may be what blocks the create); another's
+        open one that overlaps stops the run."""
+        bid = str(backfill.get("id"))
+        start = instant(backfill.get("timeframe_start"))
+        end = instant(backfill.get("timeframe_end"))
+        overlaps = start is not None and end is not None and window.overlaps(start, end)
+        close = instant(backfill.get("close_time"))
+        open_ = backfill.get("status") == "pending" and (close is None or close > self._now())
+        other = this_run.get(bid)
+        owned = other is not None or self.record.owner_entry(backfill) is not None
+        if owned and not overlaps:
+            self._single = True
+            LOGGER.warning(
+                "Orb refused a backfill for %s while target-orb's backfill %s is pending: "
+                "from now on this run keeps one backfill pending at a time.",
+                window.label, bid,
+            )
+        if other is not None:
+            self._retire(other, "Orb takes one pending backfill at a time")
+        elif owned:
+            if open_:
+                self._close(bid)
+            self._wait_settled(bid, window)
+            self.record.update("", self._now(), id=bid, state="closed")
+        elif not open_:
+            self._wait_settled(bid, window)
+        elif overlaps:
+            raise OrbFatalError(self._foreign_message(backfill, window))
+        else:
+            return False
+        return True
+
+    @staticmethod
+    def _blocked_message(
+        window: Window, refusal: Response, foreign: t.Mapping[str, t.Any]
+    ) -> str:
+        other_id = foreign.get("id")
+        return (
+            f"Orb refused target-orb's backfill for {window.label} "
+            f"({orb_error_summary(refusal.body, 200)}) while backfill {other_id} "
+            f"({foreign.get('timeframe_start')} to {foreign.get('timeframe_end')}, "
+            f"closes at {foreign.get('close_time')}), which target-orb did not create, "
+            "is pending. target-orb never closes another tool's or a person's backfill: "
+            "nothing of this window was sent and no STATE was written past it. Wait until "
+            f"it closes at {foreign.get('close_time')} (or close it: POST "
+            f"/v1/events/backfills/{other_id}/close, if whoever created it has finished), then "
+            "rerun."
+        )
 
     def _create(self, load: WindowLoad) -> tuple[str, str, datetime.datetime]:
         """Create the window's next backfill; returns (id, Idempotency-Key, timeframe_end).
@@ -293,28 +305,7 @@ class BackfillLifecycle(BackfillRequests):
         window = load.window
         with self._create_lock:
             for attempt in range(MAX_CREATE_ATTEMPTS):
-                now = self._now().replace(microsecond=0)
-                end = min(window.end, self.boundary(now))
-                payload = {
-                    "timeframe_start": format_orb(window.start),
-                    "timeframe_end": format_orb(end),
-                    # A later attempt (after a conflict was resolved) must not replay the
-                    # earlier answer: its payload, and so its key, differs by the close time.
-                    "close_time": format_orb(now + CLOSE_AFTER + attempt * SECOND),
-                    # Sent explicitly: Orb's default is true (replace every customer's events).
-                    "replace_existing_events": False,
-                }
-                # The key also carries how many creates the ownership record already holds
-                # for this window: a create made in the same second as an earlier one of this
-                # window (after Orb closed that one) must get a new backfill, not Orb's stored
-                # answer for the earlier create. A retry of one create reuses its key.
-                made = sum(
-                    1 for e in self.record.entries()
-                    if e.get("timeframe_start") == payload["timeframe_start"]
-                )
-                digest = hashlib.sha256(jsonutil.dumps_sorted([payload, made])).hexdigest()
-                key = f"target-orb-backfill-{digest[:44]}"
-                self.record.add_intent(payload, key, now)
+                payload, key, end = self._create_payload(window, attempt)
                 response = self._request(
                     "POST", BACKFILLS_PATH, body=payload, headers={"Idempotency-Key": key},
                     limiter=self._write_limiter,
@@ -335,6 +326,47 @@ class BackfillLifecycle(BackfillRequests):
                 raise OrbFatalError(
                     self._call_failed(f"create a backfill for {window.label}", response)
                 )
+        backfill_id = self._accept_created(body, key)
+        LOGGER.info(
+            "Created backfill %s for %s..%s (replace_existing_events: false, close_time %s).",
+            backfill_id, payload["timeframe_start"], payload["timeframe_end"],
+            payload["close_time"],
+        )
+        with self._stats.lock:
+            self._stats.backfills_created += 1
+        return backfill_id, key, end
+
+    def _create_payload(
+        self, window: Window, attempt: int
+    ) -> tuple[dict[str, t.Any], str, datetime.datetime]:
+        """The create's body, its Idempotency-Key and timeframe end; the intent is written
+        to the ownership record (fsynced) before the request."""
+        now = self._now().replace(microsecond=0)
+        end = min(window.end, self.boundary(now))
+        payload = {
+            "timeframe_start": format_orb(window.start),
+            "timeframe_end": format_orb(end),
+            # A later attempt (after a conflict was resolved) must not replay the earlier
+            # answer: its payload, and so its key, differs by the close time.
+            "close_time": format_orb(now + CLOSE_AFTER + attempt * SECOND),
+            # Sent explicitly: Orb's default is true (replace every customer's events).
+            "replace_existing_events": False,
+        }
+        # The key also carries how many creates the ownership record already holds for this
+        # window: a create made in the same second as an earlier one of this window (after
+        # Orb closed that one) must get a new backfill, not Orb's stored answer for the
+        # earlier create. A retry of one create reuses its key.
+        made = sum(
+            1 for e in self.record.entries()
+            if e.get("timeframe_start") == payload["timeframe_start"]
+        )
+        digest = hashlib.sha256(jsonutil.dumps_sorted([payload, made])).hexdigest()
+        key = f"target-orb-backfill-{digest[:44]}"
+        self.record.add_intent(payload, key, now)
+        return payload, key, end
+
+    def _accept_created(self, body: dict[str, t.Any], key: str) -> str:
+        """Record the backfill Orb made; a replacing one (never asked for) is reverted."""
         backfill_id = str(body["id"])
         self.record.update(key, self._now(), id=backfill_id, state="pending")
         if body.get("replace_existing_events") is True:
@@ -350,14 +382,7 @@ class BackfillLifecycle(BackfillRequests):
                 "Check `api_url` points at Orb."
             )
             raise OrbFatalError(msg)
-        LOGGER.info(
-            "Created backfill %s for %s..%s (replace_existing_events: false, close_time %s).",
-            backfill_id, payload["timeframe_start"], payload["timeframe_end"],
-            payload["close_time"],
-        )
-        with self._stats.lock:
-            self._stats.backfills_created += 1
-        return backfill_id, key, end
+        return backfill_id
 
     def _close_leftovers(self, closer: Deliverer | None) -> None:
         """Close pending backfills earlier (killed) runs created and this run did not meet."""

@@ -352,34 +352,9 @@ class BackfillManager(BackfillLifecycle):
         self, load: WindowLoad, part: Part, mine: list[int], done: Loaded, acked: list[str]
     ) -> None:
         events = part.events
-        client = self._client
-        assert client is not None and self._deliverer is not None
         window = load.window
         todo = self._not_delivered(part, mine, acked)
-        keys = [events[i]["idempotency_key"] for i in todo]
-        searches = 0
-
-        def count_search() -> None:
-            nonlocal searches
-            searches += 1
-
-        # Late events are older than now: the timeframe ends at the window's end or just
-        # after now, whichever is first, and always covers every event of the window.
-        end = min(window.end, self._now().replace(microsecond=0) + datetime.timedelta(seconds=1))
-        found = search_existing(
-            client, self._deliverer, keys,
-            timeframe_start=window.start, timeframe_end=max(end, window.start + SECOND),
-            limiter=self._write_limiter, on_request=count_search,
-        ) if keys else {}
-        done.requests += searches
-        send = [i for i in todo if events[i]["idempotency_key"] not in found]
-        already = len(todo) - len(send)
-        acked.extend(k for k in keys if k in found)
-        if already:
-            with self._stats.lock:
-                self._stats.already_in_orb += already
-            with load.lock:
-                load.already += already
+        send = self._not_in_orb(load, part, todo, done, acked)
         send, issued = self._issued_policy_apply(load, part, send, done)
         if not send:
             return  # nothing new: no backfill is created for it
@@ -417,6 +392,42 @@ class BackfillManager(BackfillLifecycle):
                 entry(part.stream, record, f"{reason} (backfill {load.backfill_id})", "orb",
                       batch[index]),
             )
+
+    def _not_in_orb(
+        self, load: WindowLoad, part: Part, todo: list[int], done: Loaded, acked: list[str]
+    ) -> list[int]:
+        """`todo` less the keys Orb's search finds in the window (counted, acked)."""
+        events = part.events
+        keys = [events[i]["idempotency_key"] for i in todo]
+        if not keys:
+            return todo
+        client = self._client
+        assert client is not None and self._deliverer is not None
+        window = load.window
+        searches = 0
+
+        def count_search() -> None:
+            nonlocal searches
+            searches += 1
+
+        # Late events are older than now: the timeframe ends at the window's end or just
+        # after now, whichever is first, and always covers every event of the window.
+        end = min(window.end, self._now().replace(microsecond=0) + datetime.timedelta(seconds=1))
+        found = search_existing(
+            client, self._deliverer, keys,
+            timeframe_start=window.start, timeframe_end=max(end, window.start + SECOND),
+            limiter=self._write_limiter, on_request=count_search,
+        )
+        done.requests += searches
+        send = [i for i in todo if events[i]["idempotency_key"] not in found]
+        already = len(todo) - len(send)
+        acked.extend(k for k in keys if k in found)
+        if already:
+            with self._stats.lock:
+                self._stats.already_in_orb += already
+            with load.lock:
+                load.already += already
+        return send
 
     def _not_delivered(self, part: Part, mine: list[int], acked: list[str]) -> list[int]:
         """`mine` less the keys the store says target-orb delivered (counted, acked)."""

@@ -154,17 +154,15 @@ class BackfillRequests:
         self._budget = max_retry_seconds
         self._ledger = ledger
         self._issued_policy = issued_policy
-        # One pending backfill at a time, once Orb refused a create for a pending backfill of
-        # ours that does not overlap it; loads then take `_slot` one at a time.
-        self._single = False
-        self._slot = threading.RLock()
-        # Orb's own grace boundary is at least this: it refused an event this old as too old
-        # (its grace period may be shorter than `grace_period_hours`, or its clock ahead).
-        self._orb_edge: datetime.datetime | None = None
         self._aborted = aborted
         self._now = now
         self._sleep = sleep
         self._monotonic = monotonic
+        self._init_run_state()
+
+    def _init_run_state(self) -> None:
+        """What the run learns and holds: locks, windows, Orb's pending backfills, the
+        one-pending-at-a-time switch and Orb's learned grace boundary."""
         self._lock = threading.Lock()
         self._windows: dict[Window, WindowLoad] = {}
         self._creation_locks: dict[Window, threading.Lock] = {}
@@ -173,6 +171,13 @@ class BackfillRequests:
         self._closing = False
         self._finished = False
         self._create_lock = threading.Lock()
+        # One pending backfill at a time, once Orb refused a create for a pending backfill of
+        # ours that does not overlap it; loads then take `_slot` one at a time.
+        self._single = False
+        self._slot = threading.RLock()
+        # Orb's own grace boundary is at least this: it refused an event this old as too old
+        # (its grace period may be shorter than `grace_period_hours`, or its clock ahead).
+        self._orb_edge: datetime.datetime | None = None
 
     @property
     def dry_run(self) -> bool:
@@ -220,29 +225,35 @@ class BackfillRequests:
         with self._lock:
             if self._pending is not None and not refresh:
                 return list(self._pending)
-        found: list[dict[str, t.Any]] = []
-        cursor: str | None = None
-        while True:
-            params = {"limit": "100"}
-            if cursor:
-                params["cursor"] = cursor
-            response = self._request(
-                "GET", BACKFILLS_PATH, params=params, limiter=self._read_limiter
-            )
-            body = response.body
-            if classify(response.status) is not Outcome.OK or not isinstance(body, dict):
-                raise OrbFatalError(self._call_failed("list the backfills", response))
-            data = body.get("data")
-            for item in data if isinstance(data, list) else []:
-                if isinstance(item, dict) and item.get("status") in PENDING:
-                    found.append(item)
-            meta = body.get("pagination_metadata")
-            cursor = meta.get("next_cursor") if isinstance(meta, dict) else None
-            if not (isinstance(meta, dict) and meta.get("has_more") and cursor):
-                break
+        found = [
+            item for item in self._list_all(BACKFILLS_PATH, {}, "list the backfills")
+            if isinstance(item, dict) and item.get("status") in PENDING
+        ]
         with self._lock:
             self._pending = found
         return list(found)
+
+    def _list_all(
+        self, path: str, params: dict[str, str | list[str]], doing: str
+    ) -> list[t.Any]:
+        """Every item of one of Orb's paginated lists (`data`, `pagination_metadata`), 100 a
+        page; a read."""
+        items: list[t.Any] = []
+        cursor: str | None = None
+        while True:
+            page: dict[str, str | list[str]] = {**params, "limit": "100"}
+            if cursor:
+                page["cursor"] = cursor
+            response = self._request("GET", path, params=page, limiter=self._read_limiter)
+            body = response.body
+            if classify(response.status) is not Outcome.OK or not isinstance(body, dict):
+                raise OrbFatalError(self._call_failed(doing, response))
+            data = body.get("data")
+            items.extend(data if isinstance(data, list) else [])
+            meta = body.get("pagination_metadata")
+            cursor = meta.get("next_cursor") if isinstance(meta, dict) else None
+            if not (isinstance(meta, dict) and meta.get("has_more") and cursor):
+                return items
 
     def _loads(self) -> list[WindowLoad]:
         with self._lock:
@@ -251,31 +262,14 @@ class BackfillRequests:
     def _issued_index(self, window: Window) -> IssuedIndex:
         """Customers' periods overlapping `window` whose invoices Orb has already issued
         (GET /v1/invoices, every page; a read)."""
-        invoices: list[t.Any] = []
-        cursor: str | None = None
-        while True:
-            params: dict[str, str | list[str]] = {
-                "status[]": list(ISSUED_STATUSES),
-                # An invoice billing usage of this window is dated at or after its start.
-                "invoice_date[gte]": format_orb(window.start),
-                "limit": "100",
-            }
-            if cursor:
-                params["cursor"] = cursor
-            response = self._request(
-                "GET", INVOICES_PATH, params=params, limiter=self._read_limiter
-            )
-            body = response.body
-            if classify(response.status) is not Outcome.OK or not isinstance(body, dict):
-                raise OrbFatalError(self._call_failed(
-                    f"list the issued invoices that cover {window.label}", response
-                ))
-            data = body.get("data")
-            invoices.extend(data if isinstance(data, list) else [])
-            meta = body.get("pagination_metadata")
-            cursor = meta.get("next_cursor") if isinstance(meta, dict) else None
-            if not (isinstance(meta, dict) and meta.get("has_more") and cursor):
-                break
+        params: dict[str, str | list[str]] = {
+            "status[]": list(ISSUED_STATUSES),
+            # An invoice billing usage of this window is dated at or after its start.
+            "invoice_date[gte]": format_orb(window.start),
+        }
+        invoices = self._list_all(
+            INVOICES_PATH, params, f"list the issued invoices that cover {window.label}"
+        )
         index = issued_periods(invoices, window)
         if index:
             LOGGER.info(
