@@ -44,6 +44,15 @@ def _summary(fake: FakeOrb) -> str:
             f"double billed (a key billed twice by a non-replacing backfill): {fake.double_billed}"
         )
     lines.extend(_compact(ev) for ev in events)
+    lines.extend(_backfill_lines(fake))
+    lines.extend(_correction_lines(fake))
+    lines.extend(_invoice_lines(fake))
+    lines.extend(_customer_lines(fake))
+    return "\n".join(lines)
+
+
+def _backfill_lines(fake: FakeOrb) -> list[str]:
+    lines: list[str] = []
     backfills = fake.backfills()
     if backfills:
         lines.append(f"backfills: {len(backfills)}")
@@ -53,6 +62,11 @@ def _summary(fake: FakeOrb) -> str:
             f"customer_id={bf['customer_id']} close_time={bf['close_time']}"
             for bf in backfills
         )
+    return lines
+
+
+def _correction_lines(fake: FakeOrb) -> list[str]:
+    lines: list[str] = []
     corrections = fake.corrections()
     if corrections:
         lines.append(f"corrected events: {len(corrections)}")
@@ -62,6 +76,11 @@ def _summary(fake: FakeOrb) -> str:
                 f"  {c['id']}: {state}, {len(c['versions']) - 1} amendment(s); "
                 f"current {_compact(c['versions'][-1])}"
             )
+    return lines
+
+
+def _invoice_lines(fake: FakeOrb) -> list[str]:
+    lines: list[str] = []
     invoices = fake.invoices()
     if invoices:
         lines.append(f"invoices: {len(invoices)}")
@@ -82,6 +101,11 @@ def _summary(fake: FakeOrb) -> str:
             f"backfill {e['backfill_id']} invoice {e['invoice_id']} {e['invoice_status']}"
             for e in issued
         )
+    return lines
+
+
+def _customer_lines(fake: FakeOrb) -> list[str]:
+    lines: list[str] = []
     customers = fake.customers()
     if customers:
         lines.append(f"customers: {len(customers)} ({len(fake.customer_updates())} update(s))")
@@ -89,7 +113,7 @@ def _summary(fake: FakeOrb) -> str:
             f"  {c['external_customer_id']} ({c['id']}) metadata {_compact(c['metadata'])}"
             for c in customers
         )
-    return "\n".join(lines)
+    return lines
 
 
 def _write_events(fake: FakeOrb, path: str, previous: str | None = None) -> str:
@@ -234,6 +258,14 @@ def _parser() -> argparse.ArgumentParser:
         "COMMAND's exit code.",
         usage="%(prog)s [options] [-- COMMAND ...]",
     )
+    _add_rule_options(p)
+    _add_rate_limit_options(p)
+    _add_setup_options(p)
+    return p
+
+
+def _add_rule_options(p: argparse.ArgumentParser) -> None:
+    """Where it listens, its key, Orb's grace period and backfill rules, validation."""
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
     p.add_argument("--port", type=int, default=0, help="port (0: pick a free one)")
     p.add_argument("--api-key", default="test-orb-key")
@@ -261,6 +293,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip schema/prose validation (auth, JSON, dedup and counting still apply)",
     )
+
+
+def _add_rate_limit_options(p: argparse.ArgumentParser) -> None:
+    """Orb-style rate limits (all off unless given)."""
     p.add_argument(
         "--rate-limit-events", type=int, metavar="N",
         help="Orb-style fixed-window limit: at most N ingested events per window (429 "
@@ -284,6 +320,10 @@ def _parser() -> argparse.ArgumentParser:
         "--rate-limit-reads-per-second", type=int, metavar="N",
         help="at most N GET requests per one-second window (Orb: live 100, test 50, trial 10)",
     )
+
+
+def _add_setup_options(p: argparse.ArgumentParser) -> None:
+    """Seeded state, what it writes out, and how long it runs."""
     p.add_argument(
         "--invoice",
         metavar="EXT,START,END[,STATUS[,INVOICE_DATE]]",
@@ -330,7 +370,89 @@ def _parser() -> argparse.ArgumentParser:
         default=3600,
         help="serve at most this long / kill COMMAND after this long (exit 124)",
     )
-    return p
+
+def _rate_limit(args: argparse.Namespace) -> RateLimit | None:
+    """The ``--rate-limit-*`` flags as a :class:`RateLimit` (None: none given)."""
+    return (
+        RateLimit(
+            events_per_window=args.rate_limit_events or None,
+            window_seconds=args.rate_limit_window_seconds,
+            requests_per_second=args.rate_limit_rps or None,
+            writes_per_second=args.rate_limit_writes_per_second,
+            reads_per_second=args.rate_limit_reads_per_second,
+        )
+        if any(
+            v is not None
+            for v in (
+                args.rate_limit_events or None,
+                args.rate_limit_rps or None,
+                args.rate_limit_writes_per_second,
+                args.rate_limit_reads_per_second,
+            )
+        )
+        else None
+    )
+
+
+def _build(args: argparse.Namespace) -> FakeOrb:
+    """The stand-in the flags describe, clock set and customers and invoices seeded
+    (raises ValueError or OSError)."""
+    fake = FakeOrb(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        grace_period_hours=12 if args.grace_period_hours is None else args.grace_period_hours,
+        future_tolerance_seconds=args.future_tolerance_seconds,
+        latency_ms=args.latency_ms,
+        accept_all=args.accept_all,
+        amend_cap=args.amend_cap,
+        rate_limit=_rate_limit(args),
+        one_pending_backfill=args.one_pending_backfill,
+        reflection_delay_requests=args.reflection_delay_requests,
+    )
+    if args.now:
+        fake.set_now(parse_datetime(args.now))
+    for ext in args.customer:
+        fake.add_customer(ext)
+    for spec in args.invoice:
+        parts = spec.split(",")
+        if not 3 <= len(parts) <= 5:
+            raise ValueError(
+                f"--invoice {spec!r}: expected EXT,START,END[,STATUS[,INVOICE_DATE]]"
+            )
+        fake.add_invoice(
+            parts[0],
+            parse_when(parts[1]),
+            parse_when(parts[2]),
+            parts[3] if len(parts) > 3 and parts[3] else "issued",
+            parse_when(parts[4]) if len(parts) > 4 and parts[4] else None,
+        )
+    return fake
+
+
+def _keep_events_out(
+    fake: FakeOrb, path: str | None, stop: threading.Event
+) -> threading.Thread | None:
+    """With ``--events-out``, the thread that keeps the file current (until ``stop``)."""
+    if not path:
+        return None
+    keeper = threading.Thread(
+        target=_keep_events_file, args=(fake, path, stop),
+        name="fake-orb-events-out", daemon=True,
+    )
+    keeper.start()
+    return keeper
+
+
+def _stop(fake: FakeOrb, args: argparse.Namespace, stop: threading.Event,
+          keeper: threading.Thread | None) -> None:
+    stop.set()
+    if keeper is not None:
+        keeper.join(timeout=5)
+    fake.stop()
+    if args.config_overlay:
+        with contextlib.suppress(OSError):
+            os.remove(args.config_overlay)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,54 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_seconds <= 0:
         parser.error("--max-seconds must be positive")
     try:
-        fake = FakeOrb(
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            grace_period_hours=12 if args.grace_period_hours is None else args.grace_period_hours,
-            future_tolerance_seconds=args.future_tolerance_seconds,
-            latency_ms=args.latency_ms,
-            accept_all=args.accept_all,
-            amend_cap=args.amend_cap,
-            rate_limit=(
-                RateLimit(
-                    events_per_window=args.rate_limit_events or None,
-                    window_seconds=args.rate_limit_window_seconds,
-                    requests_per_second=args.rate_limit_rps or None,
-                    writes_per_second=args.rate_limit_writes_per_second,
-                    reads_per_second=args.rate_limit_reads_per_second,
-                )
-                if any(
-                    v is not None
-                    for v in (
-                        args.rate_limit_events or None,
-                        args.rate_limit_rps or None,
-                        args.rate_limit_writes_per_second,
-                        args.rate_limit_reads_per_second,
-                    )
-                )
-                else None
-            ),
-            one_pending_backfill=args.one_pending_backfill,
-            reflection_delay_requests=args.reflection_delay_requests,
-        )
-        if args.now:
-            fake.set_now(parse_datetime(args.now))
-        for ext in args.customer:
-            fake.add_customer(ext)
-        for spec in args.invoice:
-            parts = spec.split(",")
-            if not 3 <= len(parts) <= 5:
-                raise ValueError(
-                    f"--invoice {spec!r}: expected EXT,START,END[,STATUS[,INVOICE_DATE]]"
-                )
-            fake.add_invoice(
-                parts[0],
-                parse_when(parts[1]),
-                parse_when(parts[2]),
-                parts[3] if len(parts) > 3 and parts[3] else "issued",
-                parse_when(parts[4]) if len(parts) > 4 and parts[4] else None,
-            )
+        fake = _build(args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     fake.start()
@@ -407,25 +482,14 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as exc:
                 print(f"fake-orb: cannot write --config-overlay: {exc}", file=sys.stderr)
                 return 2
-        if args.events_out:
-            keeper = threading.Thread(
-                target=_keep_events_file, args=(fake, args.events_out, stop),
-                name="fake-orb-events-out", daemon=True,
-            )
-            keeper.start()
+        keeper = _keep_events_out(fake, args.events_out, stop)
         if cmd:
             print(f"fake-orb: {fake.url} -> {' '.join(cmd)}", file=sys.stderr, flush=True)
             rc = _run_command(fake, cmd, args.max_seconds)
         else:
             rc = _serve(fake, args.max_seconds)
     finally:
-        stop.set()
-        if keeper is not None:
-            keeper.join(timeout=5)
-        fake.stop()
-        if args.config_overlay:
-            with contextlib.suppress(OSError):
-                os.remove(args.config_overlay)
+        _stop(fake, args, stop, keeper)
     if args.events_out:
         _write_events(fake, args.events_out)
     print(_summary(fake), flush=True)
