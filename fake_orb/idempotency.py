@@ -31,6 +31,57 @@ class _IdempotencyEntry:
     outcome: _Outcome | None = None  # None while the first request is still running
 
 
+def _fingerprint(req: _Request) -> str:
+    """What makes two requests under one key the same request: method, path, query, body."""
+    digest = hashlib.sha256()
+    for part in (req.method, req.path, req.query):
+        digest.update(part.encode("utf-8") + b"\0")
+    digest.update(req.body if req.body is not None else f"<{req.body_len}>".encode())
+    return digest.hexdigest()
+
+
+def _replay(
+    key: str, entry: _IdempotencyEntry, fingerprint: str, record: dict[str, Any]
+) -> _Outcome:
+    """The answer to a request under a key already in use (caller holds the lock): the
+    stored answer replayed, or a 409 (another request, or the first still running)."""
+    if entry.fingerprint != fingerprint:
+        return _Outcome(
+            409,
+            error_body(
+                409,
+                detail=f"Idempotency-Key {key!r} was already used in the last 48 "
+                f"hours for a different request ({entry.what}); send a new key "
+                "with a new request",
+            ),
+        )
+    if entry.outcome is None:
+        return _Outcome(
+            409,
+            error_body(
+                409,
+                detail=f"A request with Idempotency-Key {key!r} is still in "
+                "progress; retry it shortly",
+            ),
+        )
+    record["idempotent_replayed"] = True
+    stored = entry.outcome
+    return _Outcome(
+        stored.status, stored.body, {**stored.headers, "Idempotent-Replayed": "true"}
+    )
+
+
+def _storable(outcome: _Outcome, record: dict[str, Any]) -> bool:
+    """Whether an answer is kept for replays: a final, non-transient answer, no fault."""
+    return (
+        outcome.action is None
+        and outcome.status is not None
+        and outcome.status < 500
+        and outcome.status not in (408, 409, 429)
+        and record.get("fault") is None
+    )
+
+
 class Idempotency(EventStore):
     """Replays of a POST/PATCH under the same ``Idempotency-Key`` within 48 h."""
 
@@ -57,11 +108,7 @@ class Idempotency(EventStore):
             return validation_failed(
                 [f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters, got {len(key)}"]
             )
-        digest = hashlib.sha256()
-        for part in (req.method, req.path, req.query):
-            digest.update(part.encode("utf-8") + b"\0")
-        digest.update(req.body if req.body is not None else f"<{req.body_len}>".encode())
-        fingerprint = digest.hexdigest()
+        fingerprint = _fingerprint(req)
         now = self.now()
         what = f"{req.method} {req.path}"
         with self.lock:
@@ -69,30 +116,7 @@ class Idempotency(EventStore):
                 del self._idempotency[k]
             entry = self._idempotency.get(key)
             if entry is not None:
-                if entry.fingerprint != fingerprint:
-                    return _Outcome(
-                        409,
-                        error_body(
-                            409,
-                            detail=f"Idempotency-Key {key!r} was already used in the last 48 "
-                            f"hours for a different request ({entry.what}); send a new key "
-                            "with a new request",
-                        ),
-                    )
-                if entry.outcome is None:
-                    return _Outcome(
-                        409,
-                        error_body(
-                            409,
-                            detail=f"A request with Idempotency-Key {key!r} is still in "
-                            "progress; retry it shortly",
-                        ),
-                    )
-                record["idempotent_replayed"] = True
-                stored = entry.outcome
-                return _Outcome(
-                    stored.status, stored.body, {**stored.headers, "Idempotent-Replayed": "true"}
-                )
+                return _replay(key, entry, fingerprint, record)
             entry = _IdempotencyEntry(fingerprint, now, what)
             self._idempotency[key] = entry
         try:
@@ -101,15 +125,8 @@ class Idempotency(EventStore):
             with self.lock:
                 self._idempotency.pop(key, None)
             raise
-        storable = (
-            outcome.action is None
-            and outcome.status is not None
-            and outcome.status < 500
-            and outcome.status not in (408, 409, 429)
-            and record.get("fault") is None
-        )
         with self.lock:
-            if storable:
+            if _storable(outcome, record):
                 entry.outcome = outcome
             else:
                 self._idempotency.pop(key, None)

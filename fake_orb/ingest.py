@@ -232,23 +232,9 @@ class Ingest(Backfills):
         parsed: _Parsed,
         record: dict[str, Any],
     ) -> _Outcome:
-        if req.body is None:
-            return _Outcome(
-                413,
-                error_body(
-                    413,
-                    detail=f"request body of {req.body_len} bytes exceeds {self.max_body_bytes}",
-                ),
-                delay=True,
-            )
-        unknown = sorted(set(query) - {"backfill_id"})
-        if unknown:
-            return self._reject([f"unknown query parameter(s): {', '.join(unknown)}"])
-        ctype = (req.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
-        if ctype != "application/json":
-            return self._reject([f"Content-Type must be application/json, got {ctype!r}"])
-        if parsed.error is not None:
-            return self._reject([parsed.error])
+        refusal = self._request_refusal(req, query, parsed)
+        if refusal is not None:
+            return refusal
         backfill = None
         if "backfill_id" in query:
             found = self._backfill_for_ingest(query["backfill_id"][-1])
@@ -274,26 +260,10 @@ class Ingest(Backfills):
                 error_body(413, detail=f"{len(events)} events exceeds the limit of {over}"),
                 delay=True,
             )
-        if self.accept_all:
-            accepted = self._accept_all_events(events)
-            if accepted is None:
-                return self._reject(
-                    [
-                        "body must be an object whose 'events' is a list of objects "
-                        "with a string idempotency_key"
-                    ]
-                )
-            result = _Validation(valid_events=accepted)
-        else:
-            result = self._validate(parsed.body, backfill)
-        hit = [k for k in dict.fromkeys(record["keys"]) if k in fail_keys]
-        if hit:
-            record["fault"] = "bad_keys"
-            for k in hit:
-                result.key_errors.setdefault(k, []).append(fail_keys[k])
-            result.valid_events = [
-                ev for ev in result.valid_events if ev["idempotency_key"] not in fail_keys
-            ]
+        result = self._checked(parsed, backfill)
+        if isinstance(result, _Outcome):
+            return result
+        self._apply_bad_keys(result, record, fail_keys)
         if result.failed:
             if self.store_valid_on_400 and not result.request_level:
                 self._store_into(backfill, result.valid_events)
@@ -302,6 +272,58 @@ class Ingest(Backfills):
             )
         self._store_into(backfill, result.valid_events)
         return _Outcome(200, {"validation_failed": []}, delay=True)
+
+    def _request_refusal(
+        self, req: _Request, query: dict[str, list[str]], parsed: _Parsed
+    ) -> _Outcome | None:
+        """The refusal of an ingest request as a whole: body too large, unknown query
+        parameter, wrong Content-Type, not JSON (None: none of these)."""
+        if req.body is None:
+            return _Outcome(
+                413,
+                error_body(
+                    413,
+                    detail=f"request body of {req.body_len} bytes exceeds {self.max_body_bytes}",
+                ),
+                delay=True,
+            )
+        unknown = sorted(set(query) - {"backfill_id"})
+        if unknown:
+            return self._reject([f"unknown query parameter(s): {', '.join(unknown)}"])
+        ctype = (req.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if ctype != "application/json":
+            return self._reject([f"Content-Type must be application/json, got {ctype!r}"])
+        if parsed.error is not None:
+            return self._reject([parsed.error])
+        return None
+
+    def _checked(self, parsed: _Parsed, backfill: dict[str, Any] | None) -> _Validation | _Outcome:
+        """The events checked (or, with ``accept_all``, only their shape)."""
+        if self.accept_all:
+            accepted = self._accept_all_events(parsed.events)
+            if accepted is None:
+                return self._reject(
+                    [
+                        "body must be an object whose 'events' is a list of objects "
+                        "with a string idempotency_key"
+                    ]
+                )
+            return _Validation(valid_events=accepted)
+        return self._validate(parsed.body, backfill)
+
+    @staticmethod
+    def _apply_bad_keys(
+        result: _Validation, record: dict[str, Any], fail_keys: dict[str, str]
+    ) -> None:
+        """The persistent ``set_bad_keys`` rule: those keys fail with their reason."""
+        hit = [k for k in dict.fromkeys(record["keys"]) if k in fail_keys]
+        if hit:
+            record["fault"] = "bad_keys"
+            for k in hit:
+                result.key_errors.setdefault(k, []).append(fail_keys[k])
+            result.valid_events = [
+                ev for ev in result.valid_events if ev["idempotency_key"] not in fail_keys
+            ]
 
     def _reject(self, plain: list[str]) -> _Outcome:
         return _Outcome(400, self._validation_body({}, plain), delay=True)
@@ -399,6 +421,17 @@ class Ingest(Backfills):
                 add(i, deprecated)
             if keys[i] is not None:
                 bodies.setdefault(keys[i], set()).add(_canonical(ev))  # type: ignore[arg-type]
+        self._reject_conflicting_bodies(result, bodies)
+        result.valid_events = [
+            ev
+            for i, ev in enumerate(events)
+            if i not in bad_idx and keys[i] is not None and keys[i] not in result.key_errors
+        ]
+        return result
+
+    @staticmethod
+    def _reject_conflicting_bodies(result: _Validation, bodies: dict[str, set[str]]) -> None:
+        """A key sent twice in one request with different bodies rejects the request."""
         for key, variants in bodies.items():
             if len(variants) > 1:
                 result.key_errors.setdefault(key, []).append(
@@ -406,12 +439,6 @@ class Ingest(Backfills):
                     "event bodies; the entire request is rejected"
                 )
                 result.request_level = True
-        result.valid_events = [
-            ev
-            for i, ev in enumerate(events)
-            if i not in bad_idx and keys[i] is not None and keys[i] not in result.key_errors
-        ]
-        return result
 
     @staticmethod
     def _prose_errors(
