@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -71,6 +72,176 @@ def _unit_price(n: int, name: str, currency: str, created: str) -> dict[str, Any
     }
 
 
+def _line_item(
+    n: int, *, name: str, amount: str, quantity: float, start: datetime, end: datetime,
+    currency: str, created: str,
+) -> dict[str, Any]:
+    """The one line item of a seeded invoice, carrying its service period."""
+    return {
+        "id": f"fake_li_{n}",
+        "name": name,
+        "amount": amount,
+        "subtotal": amount,
+        "adjusted_subtotal": amount,
+        "credits_applied": "0.00",
+        "partially_invoiced_amount": "0.00",
+        "quantity": quantity,
+        "start_date": fmt_time(start),
+        "end_date": fmt_time(end),
+        "grouping": None,
+        "filter": None,
+        "adjustments": [],
+        "sub_line_items": [],
+        "tax_amounts": [],
+        "usage_customer_ids": None,
+        "price": _unit_price(n, name, currency, created),
+    }
+
+
+def _invoice(
+    n: int, cust: dict[str, Any], *, status: str, when: datetime, created: str,
+    currency: str, amount: str, line_item: dict[str, Any],
+) -> dict[str, Any]:
+    """A seeded ``Invoice`` (spec ``components.schemas.Invoice``), before its status
+    fields are set."""
+    return {
+        "id": f"fake_inv_{n}",
+        "invoice_number": f"FAKE-{n:05d}",
+        "status": status,
+        "customer": {
+            "id": cust["id"],
+            "external_customer_id": cust["external_customer_id"],
+        },
+        "invoice_date": fmt_time(when),
+        "due_date": fmt_time(when),
+        "created_at": created,
+        "currency": currency,
+        "amount_due": amount,
+        "subtotal": amount,
+        "total": amount,
+        "metadata": {},
+        "voided_at": None,
+        "paid_at": None,
+        "issued_at": None,
+        "scheduled_issue_at": None,
+        "auto_collection": {
+            "enabled": False,
+            "next_attempt_at": None,
+            "num_attempts": None,
+            "previously_attempted_at": None,
+        },
+        "issue_failed_at": None,
+        "sync_failed_at": None,
+        "payment_failed_at": None,
+        "payment_started_at": None,
+        "invoice_pdf": None,
+        "subscription": None,
+        "customer_balance_transactions": [],
+        "invoice_source": "subscription",
+        "shipping_address": None,
+        "billing_address": None,
+        "hosted_invoice_url": None,
+        "will_auto_issue": False,
+        "eligible_to_issue_at": None,
+        "customer_tax_id": None,
+        "memo": None,
+        "credit_notes": [],
+        "payment_attempts": [],
+        "discount": None,
+        "discounts": [],
+        "minimum": None,
+        "minimum_amount": None,
+        "maximum": None,
+        "maximum_amount": None,
+        "hidden_line_item_count": 0,
+        "line_items": [line_item],
+    }
+
+
+@dataclass
+class _InvoiceFilter:
+    """The filters of a ``GET /v1/invoices`` query (checked by :meth:`parse`)."""
+
+    one: dict[str, str]  # each parameter but status[], given once
+    statuses: list[str]
+    raw_limit: str
+    bounds: dict[str, datetime]
+    due: dict[str, str]
+    amounts: dict[str, float]
+    flags: dict[str, bool]
+
+    @classmethod
+    def parse(cls, query: dict[str, list[str]]) -> _InvoiceFilter | list[str]:
+        """The filters, or every way the query is malformed."""
+        one = {k: v[0] for k, v in query.items() if k != "status[]"}
+        errors: list[str] = []
+        statuses = query.get("status[]") or ["issued", "paid", "synced"]
+        for st in statuses:
+            if st not in INVOICE_STATUSES:
+                errors.append(f"status[]: {st!r} is not one of {', '.join(INVOICE_STATUSES)}")
+        raw_limit = one.get("limit", "20")
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+            errors.append(f"limit must be an integer from 1 to 100, got {raw_limit!r}")
+        bounds: dict[str, datetime] = {}
+        for op in ("gte", "gt", "lt", "lte"):
+            name = f"invoice_date[{op}]"
+            if name in one:
+                try:
+                    bounds[op] = parse_datetime(one[name])
+                except ValueError as exc:
+                    errors.append(f"{name}: {exc}")
+        due: dict[str, str] = {}
+        for name, op in (("due_date", "eq"), ("due_date[gt]", "gt"), ("due_date[lt]", "lt")):
+            if name in one:
+                if not _DATE_RE.match(one[name]):
+                    errors.append(f"{name}: {one[name]!r} is not a date (YYYY-MM-DD)")
+                due[op] = one[name]
+        amounts: dict[str, float] = {}
+        for name, op in (("amount", "eq"), ("amount[gt]", "gt"), ("amount[lt]", "lt")):
+            if name in one:
+                try:
+                    amounts[op] = float(one[name])
+                except ValueError:
+                    errors.append(f"{name}: {one[name]!r} is not an amount")
+        flags: dict[str, bool] = {}
+        for name in ("is_recurring", "include_zero_quantity_line_items"):
+            if name in one:
+                if one[name] not in ("true", "false"):
+                    errors.append(f"{name} must be true or false, got {one[name]!r}")
+                flags[name] = one[name] == "true"
+        if errors:
+            return errors
+        return cls(one, statuses, raw_limit, bounds, due, amounts, flags)
+
+    def keep(self, inv: dict[str, Any]) -> bool:
+        """Whether ``inv`` passes every filter of the query."""
+        when = parse_datetime(inv["invoice_date"])
+        day = inv["due_date"][:10] if inv["due_date"] else None
+        amount = float(inv["amount_due"])
+        return (
+            inv["status"] in self.statuses
+            and self.one.get("customer_id", inv["customer"]["id"]) == inv["customer"]["id"]
+            and self.one.get("external_customer_id", inv["customer"]["external_customer_id"])
+            == inv["customer"]["external_customer_id"]
+            and ("subscription_id" not in self.one or (inv["subscription"] or {}).get("id")
+                 == self.one["subscription_id"])
+            and ("gte" not in self.bounds or when >= self.bounds["gte"])
+            and ("gt" not in self.bounds or when > self.bounds["gt"])
+            and ("lt" not in self.bounds or when < self.bounds["lt"])
+            and ("lte" not in self.bounds or when <= self.bounds["lte"])
+            and ("eq" not in self.due or day == self.due["eq"])
+            and ("gt" not in self.due or (day is not None and day > self.due["gt"]))
+            and ("lt" not in self.due or (day is not None and day < self.due["lt"]))
+            and ("eq" not in self.amounts or amount == self.amounts["eq"])
+            and ("gt" not in self.amounts or amount > self.amounts["gt"])
+            and ("lt" not in self.amounts or amount < self.amounts["lt"])
+            and (
+                "is_recurring" not in self.flags
+                or (inv["invoice_source"] == "subscription") == self.flags["is_recurring"]
+            )
+        )
+
+
 class Invoices(Customers):
     """Invoices seeded with :meth:`add_invoice` and the routes that read them."""
 
@@ -109,78 +280,14 @@ class Invoices(Customers):
             n = self._invoice_seq
             inv_id = f"fake_inv_{n}"
             created = fmt_time(self.now())
-            self._invoices[inv_id] = {
-                "id": inv_id,
-                "invoice_number": f"FAKE-{n:05d}",
-                "status": status,
-                "customer": {
-                    "id": cust["id"],
-                    "external_customer_id": cust["external_customer_id"],
-                },
-                "invoice_date": fmt_time(when),
-                "due_date": fmt_time(when),
-                "created_at": created,
-                "currency": currency,
-                "amount_due": amount,
-                "subtotal": amount,
-                "total": amount,
-                "metadata": {},
-                "voided_at": None,
-                "paid_at": None,
-                "issued_at": None,
-                "scheduled_issue_at": None,
-                "auto_collection": {
-                    "enabled": False,
-                    "next_attempt_at": None,
-                    "num_attempts": None,
-                    "previously_attempted_at": None,
-                },
-                "issue_failed_at": None,
-                "sync_failed_at": None,
-                "payment_failed_at": None,
-                "payment_started_at": None,
-                "invoice_pdf": None,
-                "subscription": None,
-                "customer_balance_transactions": [],
-                "invoice_source": "subscription",
-                "shipping_address": None,
-                "billing_address": None,
-                "hosted_invoice_url": None,
-                "will_auto_issue": False,
-                "eligible_to_issue_at": None,
-                "customer_tax_id": None,
-                "memo": None,
-                "credit_notes": [],
-                "payment_attempts": [],
-                "discount": None,
-                "discounts": [],
-                "minimum": None,
-                "minimum_amount": None,
-                "maximum": None,
-                "maximum_amount": None,
-                "hidden_line_item_count": 0,
-                "line_items": [
-                    {
-                        "id": f"fake_li_{n}",
-                        "name": name,
-                        "amount": amount,
-                        "subtotal": amount,
-                        "adjusted_subtotal": amount,
-                        "credits_applied": "0.00",
-                        "partially_invoiced_amount": "0.00",
-                        "quantity": quantity,
-                        "start_date": fmt_time(start),
-                        "end_date": fmt_time(end),
-                        "grouping": None,
-                        "filter": None,
-                        "adjustments": [],
-                        "sub_line_items": [],
-                        "tax_amounts": [],
-                        "usage_customer_ids": None,
-                        "price": _unit_price(n, name, currency, created),
-                    }
-                ],
-            }
+            item = _line_item(
+                n, name=name, amount=amount, quantity=quantity, start=start, end=end,
+                currency=currency, created=created,
+            )
+            self._invoices[inv_id] = _invoice(
+                n, cust, status=status, when=when, created=created, currency=currency,
+                amount=amount, line_item=item,
+            )
             self._set_invoice_status(self._invoices[inv_id], status)
             return self._invoice_view(self._invoices[inv_id])
 
@@ -255,72 +362,10 @@ class Invoices(Customers):
             )
         if any(len(v) > 1 for k, v in query.items() if k != "status[]"):
             return validation_failed(["each query parameter but status[] may be given once"])
-        one = {k: v[0] for k, v in query.items() if k != "status[]"}
-        errors: list[str] = []
-        statuses = query.get("status[]") or ["issued", "paid", "synced"]
-        for st in statuses:
-            if st not in INVOICE_STATUSES:
-                errors.append(f"status[]: {st!r} is not one of {', '.join(INVOICE_STATUSES)}")
-        raw_limit = one.get("limit", "20")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
-            errors.append(f"limit must be an integer from 1 to 100, got {raw_limit!r}")
-        bounds: dict[str, datetime] = {}
-        for op in ("gte", "gt", "lt", "lte"):
-            name = f"invoice_date[{op}]"
-            if name in one:
-                try:
-                    bounds[op] = parse_datetime(one[name])
-                except ValueError as exc:
-                    errors.append(f"{name}: {exc}")
-        due: dict[str, str] = {}
-        for name, op in (("due_date", "eq"), ("due_date[gt]", "gt"), ("due_date[lt]", "lt")):
-            if name in one:
-                if not _DATE_RE.match(one[name]):
-                    errors.append(f"{name}: {one[name]!r} is not a date (YYYY-MM-DD)")
-                due[op] = one[name]
-        amounts: dict[str, float] = {}
-        for name, op in (("amount", "eq"), ("amount[gt]", "gt"), ("amount[lt]", "lt")):
-            if name in one:
-                try:
-                    amounts[op] = float(one[name])
-                except ValueError:
-                    errors.append(f"{name}: {one[name]!r} is not an amount")
-        flags: dict[str, bool] = {}
-        for name in ("is_recurring", "include_zero_quantity_line_items"):
-            if name in one:
-                if one[name] not in ("true", "false"):
-                    errors.append(f"{name} must be true or false, got {one[name]!r}")
-                flags[name] = one[name] == "true"
-        if errors:
-            return validation_failed(errors)
-
-        def keep(inv: dict[str, Any]) -> bool:
-            when = parse_datetime(inv["invoice_date"])
-            day = inv["due_date"][:10] if inv["due_date"] else None
-            amount = float(inv["amount_due"])
-            return (
-                inv["status"] in statuses
-                and one.get("customer_id", inv["customer"]["id"]) == inv["customer"]["id"]
-                and one.get("external_customer_id", inv["customer"]["external_customer_id"])
-                == inv["customer"]["external_customer_id"]
-                and ("subscription_id" not in one or (inv["subscription"] or {}).get("id")
-                     == one["subscription_id"])
-                and ("gte" not in bounds or when >= bounds["gte"])
-                and ("gt" not in bounds or when > bounds["gt"])
-                and ("lt" not in bounds or when < bounds["lt"])
-                and ("lte" not in bounds or when <= bounds["lte"])
-                and ("eq" not in due or day == due["eq"])
-                and ("gt" not in due or (day is not None and day > due["gt"]))
-                and ("lt" not in due or (day is not None and day < due["lt"]))
-                and ("eq" not in amounts or amount == amounts["eq"])
-                and ("gt" not in amounts or amount > amounts["gt"])
-                and ("lt" not in amounts or amount < amounts["lt"])
-                and (
-                    "is_recurring" not in flags
-                    or (inv["invoice_source"] == "subscription") == flags["is_recurring"]
-                )
-            )
-
+        found = _InvoiceFilter.parse(query)
+        if isinstance(found, list):
+            return validation_failed(found)
+        keep, one, raw_limit, flags = found.keep, found.one, found.raw_limit, found.flags
         with self.lock:
             # Orb: "ordered starting from the most recently issued invoice date".
             items = sorted(
