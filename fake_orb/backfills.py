@@ -132,6 +132,56 @@ class Backfills(Invoices):
         return self.now() - timedelta(hours=self.grace_period_hours)
 
     def _new_backfill(self, body: Any) -> dict[str, Any] | _Outcome:
+        read = self._read_new_backfill(body)
+        if isinstance(read, _Outcome):
+            return read
+        start, end, close, text, dep_filter = read
+        now = self.now()
+        refusal = self._timeframe_refusal(body, start, end, close, now)
+        if refusal is not None:
+            return refusal
+        with self.lock:
+            scope = self._backfill_scope(body.get("customer_id"), body.get("external_customer_id"))
+            if isinstance(scope, _Outcome):
+                return scope
+            refusal = self._backfill_conflict(start, end, scope)
+            if refusal is not None:
+                return refusal
+            self._backfill_seq += 1
+            bf_id = f"fake_bf_{self._backfill_seq}"
+            close = close or now + BACKFILL_DEFAULT_CLOSE
+            if text is not None and dep_filter is None:
+                self.unevaluated_deprecation_filters += 1
+            bf = {
+                "id": bf_id,
+                "status": "pending",
+                "created_at": fmt_time(now),
+                "timeframe_start": fmt_time(start),
+                "timeframe_end": fmt_time(end),
+                "close_time": fmt_time(close),
+                "reverted_at": None,
+                "customer_id": scope[0],
+                "replace_existing_events": body.get("replace_existing_events", True),
+                "deprecation_filter": text,
+                "_start": start,
+                "_end": end,
+                "_close": close,
+                "_scope": scope,
+                "_filter": dep_filter,
+                "_events": {},
+            }
+            self._backfills[bf_id] = bf
+            return self._backfill_view(bf)
+
+    @staticmethod
+    def _read_new_backfill(
+        body: Any,
+    ) -> (
+        tuple[datetime, datetime, datetime | None, str | None, DeprecationFilter | None]
+        | _Outcome
+    ):
+        """A ``NewBackfill`` body read: (start, end, close_time or None, deprecation_filter
+        text, the filter parsed or None), or the 400 that refuses it."""
         errors = schema_errors("NewBackfill", body)
         if errors:
             return validation_failed(errors)
@@ -163,6 +213,12 @@ class Backfills(Invoices):
                 dep_filter = DeprecationFilter.parse(text)
             except FilterSyntaxError:
                 dep_filter = None  # stored; deprecates every event in scope (assumption)
+        return start, end, close, text, dep_filter
+
+    def _timeframe_refusal(
+        self, body: Any, start: datetime, end: datetime, close: datetime | None, now: datetime
+    ) -> _Outcome | None:
+        """Orb's rules on a new backfill's timeframe, close time and customer fields."""
         if not start < end:
             return validation_failed(
                 [
@@ -177,18 +233,17 @@ class Backfills(Invoices):
                     "31-day limit for one backfill; split it into several backfills"
                 ]
             )
-        cid, ext = body.get("customer_id"), body.get("external_customer_id")
-        if cid is not None and ext is not None:
+        if body.get("customer_id") is not None and body.get("external_customer_id") is not None:
             return validation_failed(
                 ["give at most one of customer_id and external_customer_id, not both"]
             )
-        now = self.now()
         if close is not None and close <= now:
             return validation_failed(
                 [f"close_time {body['close_time']} is not in the future ({fmt_time(now)})"]
             )
         # Orb 4.90, backfills.py `create`: "When `deprecation_filter` is provided, the
         # timeframe may extend to `now` rather than the event reporting grace boundary."
+        text = body.get("deprecation_filter")
         boundary = now - timedelta(hours=self.grace_period_hours)
         if text is None and end > boundary:
             return validation_failed(
@@ -207,46 +262,23 @@ class Backfills(Invoices):
                     "deprecation_filter a backfill's timeframe may extend to now, no further"
                 ]
             )
-        with self.lock:
-            scope: tuple[str | None, str | None] = (None, None)
-            if cid is not None or ext is not None:
-                cust = self._customers.get(ext) if ext is not None else self._customer_by_id(cid)
-                if cust is None:
-                    what = f"external_customer_id {ext!r}" if ext else f"customer_id {cid!r}"
-                    return resource_not_found(
-                        f"No customer with {what}: Orb needs the customer before a backfill "
-                        "can be scoped to it (seed it in the stand-in with --customer / "
-                        "add_customer)"
-                    )
-                scope = (cust["id"], cust["external_customer_id"])
-            refusal = self._backfill_conflict(start, end, scope)
-            if refusal is not None:
-                return refusal
-            self._backfill_seq += 1
-            bf_id = f"fake_bf_{self._backfill_seq}"
-            close = close or now + BACKFILL_DEFAULT_CLOSE
-            if text is not None and dep_filter is None:
-                self.unevaluated_deprecation_filters += 1
-            bf = {
-                "id": bf_id,
-                "status": "pending",
-                "created_at": fmt_time(now),
-                "timeframe_start": fmt_time(start),
-                "timeframe_end": fmt_time(end),
-                "close_time": fmt_time(close),
-                "reverted_at": None,
-                "customer_id": scope[0],
-                "replace_existing_events": replace,
-                "deprecation_filter": text,
-                "_start": start,
-                "_end": end,
-                "_close": close,
-                "_scope": scope,
-                "_filter": dep_filter,
-                "_events": {},
-            }
-            self._backfills[bf_id] = bf
-            return self._backfill_view(bf)
+        return None
+
+    def _backfill_scope(self, cid: Any, ext: Any) -> tuple[str | None, str | None] | _Outcome:
+        """(Orb id, external id) of the customer a backfill is scoped to ((None, None):
+        account-wide), or the 404 for an unknown one (caller holds the lock)."""
+        scope: tuple[str | None, str | None] = (None, None)
+        if cid is not None or ext is not None:
+            cust = self._customers.get(ext) if ext is not None else self._customer_by_id(cid)
+            if cust is None:
+                what = f"external_customer_id {ext!r}" if ext else f"customer_id {cid!r}"
+                return resource_not_found(
+                    f"No customer with {what}: Orb needs the customer before a backfill "
+                    "can be scoped to it (seed it in the stand-in with --customer / "
+                    "add_customer)"
+                )
+            scope = (cust["id"], cust["external_customer_id"])
+        return scope
 
     @staticmethod
     def _scope_text(bf: dict[str, Any]) -> str:
