@@ -68,7 +68,7 @@ What it serves (every route but ping needs ``Authorization: Bearer <api_key>``):
   ``Retry-After``.
 
 Each rule, the Orb document it comes from and the test that exercises it are listed in
-``RULES.md`` beside this package's modules, with the assumptions the stand-in makes where
+``RULES.md`` in this package, with the assumptions the stand-in makes where
 Orb's documents are silent.
 
 Every time rule reads the stand-in's clock: :meth:`FakeOrb.set_now`,
