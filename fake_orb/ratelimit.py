@@ -11,7 +11,7 @@ from typing import Any
 
 class RateLimit:
     """Orb-style fixed-window rate limits (Orb's rate-limit page, docs.withorb.com
-    "Rate limits"; see ``fake_orb_RULES.md``).
+    "Rate limits"; see ``RULES.md`` in this package).
 
     - Ingest (``POST /v1/ingest``): at most ``events_per_window`` events per
       ``window_seconds`` window and ``requests_per_second`` requests per second.
