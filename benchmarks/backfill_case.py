@@ -16,7 +16,7 @@ Each ``late`` run has a store of its own (a SQLite file, as by default): the sta
 reset between rounds, and a store that remembers deliveries to a reset Orb would rightly
 send nothing.
 
-The stand-in Orb (``target_orb.fake_orb.FakeOrb``, strict backfill rules) runs in this
+The stand-in Orb (``fake_orb.FakeOrb``, strict backfill rules) runs in this
 process; the target under test is its own process. After every run the case checks what
 landed (exactly the N keys, nothing billed twice, no backfill left pending) and reports
 records/s and Orb requests per 1,000 events (every request the stand-in received, ping,
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from generate import generate
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 
 DAY = 86400.0
 

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from target_orb.fake_orb import FakeOrb  # noqa: E402
+from fake_orb import FakeOrb  # noqa: E402
 
 TARGET = str(Path(sys.executable).with_name("target-orb"))
 KEY = "bench-key"

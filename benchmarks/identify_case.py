@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 
 TARGET_ORB = str(Path(sys.executable).with_name("target-orb"))
 API_KEY = "bench-key"

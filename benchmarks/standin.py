@@ -1,4 +1,4 @@
-"""The benchmark's stand-in Orb: ``target_orb.fake_orb.FakeOrb`` in its own process.
+"""The benchmark's stand-in Orb: ``fake_orb.FakeOrb`` in its own process.
 
 It runs in a separate process so its CPU is not counted in the target under test (on a
 2-core machine it still competes with the target for CPU). The parent drives it with
@@ -32,7 +32,7 @@ import typing as t
 
 import msgspec
 
-from target_orb.fake_orb import FakeOrb, RateLimit
+from fake_orb import FakeOrb, RateLimit
 
 _CANONICAL = msgspec.json.Encoder(order="sorted")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 
 API_KEY = "test-orb-key-SECRET-0123456789"
 TARGET_ORB = str(Path(sys.executable).with_name("target-orb"))

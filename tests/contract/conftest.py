@@ -41,10 +41,10 @@ PRISM_START_TIMEOUT_S = 60
 PRISM_START_ATTEMPTS = 3
 
 try:
-    from target_orb.fake_orb import FakeOrb
+    from fake_orb import FakeOrb
 except ModuleNotFoundError:  # not installed into the venv: run from the checkout
     sys.path.insert(0, str(REPO_ROOT))
-    from target_orb.fake_orb import FakeOrb
+    from fake_orb import FakeOrb
 
 
 def pinned_prism_version() -> str:

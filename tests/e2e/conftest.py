@@ -48,7 +48,7 @@ from tests.e2e.meltano_harness import (
 )
 
 if t.TYPE_CHECKING:
-    from target_orb.fake_orb import FakeOrb
+    from fake_orb import FakeOrb
 
 # Seconds spent on setup, printed in the terminal summary (CI timing).
 TIMINGS: dict[str, float] = {}

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 if t.TYPE_CHECKING:
-    from target_orb.fake_orb import FakeOrb
+    from fake_orb import FakeOrb
     from tests.e2e.postgres import Database
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 from target_orb.state.ledger import Ledger
 from tests.conftest import API_KEY, base_config, recent, run_target, singer_lines
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 from tests.e2e.conftest import TIMINGS
 from tests.e2e.meltano_harness import CLI_TIMEOUT, INSTALL_TIMEOUT, MeltanoProject, find_meltano
 from tests.e2e.test_meltano_run import EXPECTED, GRACE_PERIOD_HOURS, NO_USER_ID, SAMPLE, STREAM

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 
 REPO = Path(__file__).resolve().parents[2]
 MELTANO_YML = REPO / "meltano.yml"

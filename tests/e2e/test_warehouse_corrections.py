@@ -14,7 +14,7 @@ import typing as t
 
 import pytest
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 from tests.e2e import warehouse as wh
 
 if t.TYPE_CHECKING:

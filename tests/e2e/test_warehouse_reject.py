@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 from tests.e2e import warehouse as wh
 from tests.e2e.conftest import TIMINGS
 from tests.e2e.meltano_harness import TARGET_ENV, WarehousePipeline

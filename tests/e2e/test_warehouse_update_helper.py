@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import typing as t
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 from tests.e2e import warehouse as wh
 
 if t.TYPE_CHECKING:

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import requests
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 
 NOW = datetime(2030, 1, 15, 12, tzinfo=timezone.utc)
 FRAME = {"timeframe_start": "2029-12-01T00:00:00Z", "timeframe_end": "2030-01-15T00:00:00Z"}

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 
 #: Mid-month, so the default billing period (this calendar month) is open around it.
 NOW = datetime(2030, 1, 15, 12, 0, 0, tzinfo=timezone.utc)

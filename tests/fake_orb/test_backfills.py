@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from target_orb.fake_orb import FakeOrb, FakeOrbError
+from fake_orb import FakeOrb, FakeOrbError
 
 from .conftest import NOW, Api, ago, error_type, event, ts
 

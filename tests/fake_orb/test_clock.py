@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 
 from .conftest import NOW, Api, ago, event, ts
 
@@ -132,7 +132,7 @@ def test_cli_now_and_customer_flags() -> None:
         [
             sys.executable,
             "-m",
-            "target_orb.fake_orb",
+            "fake_orb",
             "--now",
             "2030-02-03T04:05:06Z",
             "--customer",
@@ -159,7 +159,7 @@ def test_cli_now_and_customer_flags() -> None:
 
 def test_cli_refuses_a_bad_now() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "target_orb.fake_orb", "--now", "2030-02-03", "--max-seconds", "1"],
+        [sys.executable, "-m", "fake_orb", "--now", "2030-02-03", "--max-seconds", "1"],
         capture_output=True,
         text=True,
         timeout=30,

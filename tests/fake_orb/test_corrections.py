@@ -11,7 +11,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 
 from .conftest import NOW, Api, ago, error_type, event, ts
 

@@ -1,4 +1,4 @@
-"""Tests for the strict local Orb stand-in, ``target_orb.fake_orb``."""
+"""Tests for the strict local Orb stand-in, ``fake_orb``."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ import requests
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 try:
-    from target_orb.fake_orb import ERROR_TYPE_BASE, FakeOrb
+    from fake_orb import ERROR_TYPE_BASE, FakeOrb
 except ModuleNotFoundError:  # not installed into the venv: run from the checkout
     sys.path.insert(0, str(REPO_ROOT))
-    from target_orb.fake_orb import ERROR_TYPE_BASE, FakeOrb
+    from fake_orb import ERROR_TYPE_BASE, FakeOrb
 
 NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 TS = "2030-01-01T11:00:00Z"
@@ -807,7 +807,7 @@ def _cli_env() -> dict[str, str]:
 
 
 def _fake_orb_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "target_orb.fake_orb", *args]
+    return [sys.executable, "-m", "fake_orb", *args]
 
 
 def _run_fake_orb(*args: str) -> subprocess.CompletedProcess[str]:

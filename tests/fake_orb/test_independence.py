@@ -15,24 +15,65 @@ import pytest
 from .vendor_orb_schemas import render
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-STANDIN = sorted((REPO_ROOT / "target_orb").glob("fake_orb*.py"))
+STANDIN = sorted((REPO_ROOT / "fake_orb").rglob("*.py"))
+TARGET = sorted((REPO_ROOT / "target_orb").rglob("*.py"))
 
 
-def test_the_stand_in_imports_no_other_target_orb_module() -> None:
-    own = {p.stem for p in STANDIN}
-    assert {"fake_orb", "fake_orb_common", "fake_orb_resources"} <= own
-    for path in STANDIN:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                assert node.level == 0, f"{path.name}: relative import"
-                names = [node.module or ""]
-            for name in names:
-                if name == "target_orb" or name.startswith("target_orb."):
-                    assert name.split(".", 1)[-1] in own, f"{path.name} imports {name}"
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, relative imports resolved against its package."""
+    package = path.relative_to(REPO_ROOT).parent.parts
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(module)
+            # `from package import module` imports that module too.
+            names |= {f"{module}.{a.name}" for a in node.names}
+    return names
+
+
+def _offenders(files: list[Path], forbidden: str) -> dict[str, list[str]]:
+    out = {}
+    for path in files:
+        bad = sorted(
+            n for n in _imports(path) if n == forbidden or n.startswith(forbidden + ".")
+        )
+        if bad:
+            out[str(path.relative_to(REPO_ROOT))] = bad
+    return out
+
+
+def test_the_stand_in_imports_nothing_from_target_orb() -> None:
+    own = {p.relative_to(REPO_ROOT).as_posix() for p in STANDIN}
+    assert {"fake_orb/__init__.py", "fake_orb/core.py", "fake_orb/common.py"} <= own
+    assert _offenders(STANDIN, "target_orb") == {}
+
+
+def test_target_orb_never_imports_the_stand_in() -> None:
+    assert any(p.name == "target.py" for p in TARGET)
+    assert _offenders(TARGET, "fake_orb") == {}
+
+
+def test_the_stand_in_runs_without_target_orb() -> None:
+    """Imported and started in a fresh interpreter where ``target_orb`` cannot be imported."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["target_orb"] = None  # any import of target_orb now raises ImportError
+        import fake_orb
+        import fake_orb.cli
+        with fake_orb.FakeOrb() as orb:
+            assert orb.url.endswith("/v1")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 def _shared_spec() -> Path | None:
@@ -47,7 +88,7 @@ def test_vendored_request_schemas_are_orbs() -> None:
     spec = _shared_spec()
     if spec is None:
         pytest.skip("Orb's spec (shared/orb/orb-openapi.json beside the repo) is not here")
-    vendored = REPO_ROOT / "target_orb" / "data" / "orb_request_schemas.json"
+    vendored = REPO_ROOT / "fake_orb" / "data" / "orb_request_schemas.json"
     expected = render(json.loads(spec.read_text(encoding="utf-8")))
     assert vendored.read_text(encoding="utf-8") == expected, (
         "regenerate with tests/fake_orb/vendor_orb_schemas.py"
@@ -83,7 +124,7 @@ def test_cli_summary_shows_backfills_corrections_and_metadata() -> None:
         [
             sys.executable,
             "-m",
-            "target_orb.fake_orb",
+            "fake_orb",
             "--now",
             "2030-01-15T12:00:00Z",
             "--customer",

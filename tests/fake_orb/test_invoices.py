@@ -18,8 +18,8 @@ import orb as orb_sdk
 import pytest
 import requests
 
-from target_orb.fake_orb import FakeOrb
-from target_orb.fake_orb_common import format_checker
+from fake_orb import FakeOrb
+from fake_orb.common import format_checker
 
 from .conftest import API_KEY, NOW, Api, event, ts
 from .test_independence import _shared_spec
@@ -258,7 +258,7 @@ def test_cli_seeds_invoices_and_rules() -> None:
     )
     proc = subprocess.run(
         [
-            sys.executable, "-m", "target_orb.fake_orb", "--now", "2030-01-15T12:00:00Z",
+            sys.executable, "-m", "fake_orb", "--now", "2030-01-15T12:00:00Z",
             "--invoice", "acct_1,2029-12-01,2030-01-01",
             "--invoice", "acct_1,2029-11-01,2029-12-01,paid,2029-12-02T00:00:00Z",
             "--invoice", "acct_2,2030-01-01,2030-02-01,draft",
@@ -282,7 +282,7 @@ def test_cli_seeds_invoices_and_rules() -> None:
     assert settings["rate_limit"]["reads_per_second"] == 100
     assert "invoices: 3" in proc.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "target_orb.fake_orb", "--invoice", "acct_1,2029-12-01"],
+        [sys.executable, "-m", "fake_orb", "--invoice", "acct_1,2029-12-01"],
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert bad.returncode == 2 and "--invoice" in bad.stderr

@@ -13,7 +13,7 @@ from datetime import timedelta
 import orb as orb_sdk
 import pytest
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 
 from .conftest import API_KEY, NOW
 

@@ -1,7 +1,7 @@
 """Orb's documented backfill, idempotency and rate-limit rules on the stand-in, driven by
 Orb's official client (``orb-billing``) wherever the route is Orb's.
 
-Each rule and its Orb source is listed in ``target_orb/fake_orb_RULES.md``.
+Each rule and its Orb source is listed in ``fake_orb/RULES.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import orb as orb_sdk
 import pytest
 import requests
 
-from target_orb.fake_orb import FakeOrb, FakeOrbError, RateLimit
+from fake_orb import FakeOrb, FakeOrbError, RateLimit
 
 from .conftest import API_KEY, AUTH, NOW, Api, ago, error_type, event, ts
 

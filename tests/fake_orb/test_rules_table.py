@@ -1,4 +1,4 @@
-"""The stand-in's rules table (``target_orb/fake_orb_RULES.md``): every rule names an Orb
+"""The stand-in's rules table (``fake_orb/RULES.md``): every rule names an Orb
 source and tests that exist; every assumption says why and names tests that exist."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TABLE = REPO_ROOT / "target_orb" / "fake_orb_RULES.md"
+TABLE = REPO_ROOT / "fake_orb" / "RULES.md"
 TESTS = Path(__file__).resolve().parent
 TEST_REF = re.compile(r"`(test_\w+\.py)::(test_\w+)`")
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import requests
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 
 from .conftest import NOW, Api, ago, error_type, event, ts
 

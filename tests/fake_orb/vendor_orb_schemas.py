@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python tests/fake_orb/vendor_orb_schemas.py ../shared/orb/orb-openapi.json \\
-        target_orb/data/orb_request_schemas.json
+        fake_orb/data/orb_request_schemas.json
 
 Keeps ``EventSearchCriteria``, ``NewBackfill``, ``AmendedEvent`` and ``EditCustomer``
 from ``components.schemas`` plus every schema they reference (``$ref`` followed

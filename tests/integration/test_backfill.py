@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from target_orb.fake_orb import FakeOrb
-from target_orb.fake_orb_common import _Outcome
+from fake_orb import FakeOrb
+from fake_orb.common import _Outcome
 from tests.conftest import (
     API_KEY,
     assert_no_secret,

@@ -15,7 +15,7 @@ import typing as t
 import pytest
 import requests
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 from tests.conftest import API_KEY, assert_no_secret, run_target, singer_lines, track
 from tests.integration.test_backfill import (
     DAY,

@@ -263,7 +263,7 @@ def test_about_with_a_config_never_shows_the_api_key(orb, tmp_path):
 
 
 def test_progress_line_on_long_runs(tmp_path):
-    from target_orb.fake_orb import FakeOrb
+    from fake_orb import FakeOrb
 
     slow = FakeOrb(api_key=API_KEY, latency_ms=400)
     slow.start()

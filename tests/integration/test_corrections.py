@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 from tests.conftest import API_KEY, base_config, recent, run_target, singer_lines
 
 UTC = datetime.timezone.utc

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from target_orb.fake_orb import FakeOrb, _normalize_fault
+from fake_orb import FakeOrb, _normalize_fault
 from tests.conftest import (
     API_KEY,
     TARGET_ORB,

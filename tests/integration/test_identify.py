@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import pytest
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 from tests.conftest import (
     API_KEY,
     RunResult,
@@ -269,7 +269,7 @@ class UrlNotFoundOrb(FakeOrb):
     """A stand-in whose customer routes are missing (a wrong deployment or base path)."""
 
     def _http_customer(self, req, ext):  # the stand-in's private hook
-        from target_orb.fake_orb import _Outcome, error_body
+        from fake_orb import _Outcome, error_body
 
         return _Outcome(404, error_body(404, "404-url-not-found", detail="No such route"))
 

@@ -8,7 +8,7 @@ import typing as t
 
 import pytest
 
-from target_orb.fake_orb import FakeOrb, RateLimit
+from fake_orb import FakeOrb, RateLimit
 from tests.conftest import API_KEY, base_config, run_target, singer_lines, track
 
 

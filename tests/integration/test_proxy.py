@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
-from target_orb.fake_orb import FakeOrb  # noqa: E402
+from fake_orb import FakeOrb  # noqa: E402
 from tests.conftest import (  # noqa: E402
     API_KEY,
     assert_no_secret,

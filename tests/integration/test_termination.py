@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 from tests.conftest import (
     API_KEY,
     SEGMENT_SCHEMA,

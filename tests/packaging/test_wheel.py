@@ -2,7 +2,7 @@
 
 `python -m build` makes the sdist and, from it, the wheel (so the sdist must be complete);
 `twine check --strict` checks the metadata PyPI renders; the wheel carries the stand-in's
-vendored schemas (target_orb/data/*.json) and no tests; installed into a clean venv (the
+vendored schemas (fake_orb/data/*.json) and no tests; installed into a clean venv (the
 checkout not importable), `target-orb --about`, `fake-orb --help` and a one-record run of
 target-orb against `fake-orb` work from it.
 
@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-DATA_FILES = sorted(p.name for p in (REPO / "target_orb" / "data").glob("*.json"))
+DATA_FILES = sorted(p.name for p in (REPO / "fake_orb" / "data").glob("*.json"))
 SCRIPTS = {
     "target-orb": "target_orb.target:TargetOrb.cli",
-    "fake-orb": "target_orb.fake_orb:main",
+    "fake-orb": "fake_orb.cli:main",
     "target-orb-deadletter": "target_orb.deadletter:main",
 }
 BUILD_TIMEOUT = 300
@@ -103,15 +103,18 @@ def test_twine_check_passes(dists):
 
 def test_wheel_carries_the_stand_ins_data_and_no_tests(dists):
     names = _wheel_names(dists["wheel"])
-    assert DATA_FILES, "target_orb/data has no JSON files"
-    assert sorted(n.removeprefix("target_orb/data/") for n in names
-                  if n.startswith("target_orb/data/")) == DATA_FILES
+    assert DATA_FILES, "fake_orb/data has no JSON files"
+    assert sorted(n.removeprefix("fake_orb/data/") for n in names
+                  if n.startswith("fake_orb/data/")) == DATA_FILES
     assert [n for n in names if n.startswith("tests/") or "/tests/" in n] == []
     top = {n.split("/", 1)[0] for n in names}
-    assert top == {"target_orb", f"target_orb-{pyproject_version()}.dist-info"}, top
+    assert top == {"target_orb", "fake_orb", f"target_orb-{pyproject_version()}.dist-info"}, top
     modules = {p.name for p in (REPO / "target_orb").glob("*.py")}
     assert {n.removeprefix("target_orb/") for n in names
             if re.fullmatch(r"target_orb/[^/]+\.py", n)} == modules
+    standin = {p.relative_to(REPO).as_posix() for p in (REPO / "fake_orb").rglob("*.py")}
+    assert {n for n in names if n.startswith("fake_orb/") and n.endswith(".py")} == standin
+    assert "fake_orb/RULES.md" in names
 
 
 def test_wheel_metadata(dists):
@@ -130,7 +133,7 @@ def test_sdist_has_what_the_wheel_is_built_from(dists):
     with tarfile.open(dists["sdist"]) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
     for needed in ("pyproject.toml", "README.md", "target_orb/__init__.py",
-                   *(f"target_orb/data/{n}" for n in DATA_FILES)):
+                   "fake_orb/__init__.py", *(f"fake_orb/data/{n}" for n in DATA_FILES)):
         assert needed in names, needed
     assert not any(n.startswith((".venv/", "node_modules/")) or "/node_modules/" in n
                    for n in names)

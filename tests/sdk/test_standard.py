@@ -36,7 +36,7 @@ from singer_sdk.testing.target_tests import (
 )
 from singer_sdk.testing.templates import TargetFileTestTemplate
 
-from target_orb.fake_orb import FakeOrb
+from fake_orb import FakeOrb
 from target_orb.target import TargetOrb
 
 API_KEY = "sdk-suite-key"
