@@ -9,8 +9,7 @@ import typing as t
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from target_orb.backfill.invoices import IssuedPeriod, issued_period_of
-from target_orb.backfill.lifecycle import BackfillLifecycle
+from target_orb.backfill.issued import IssuedPolicy
 from target_orb.backfill.requests import (
     LOGGER,
     SECOND,
@@ -53,7 +52,7 @@ _TOO_OLD = re.compile(r"grace|too old|older than|backfill", re.IGNORECASE)
 # ----------------------------------------------------------------------------- manager
 
 
-class BackfillManager(BackfillLifecycle):
+class BackfillManager(IssuedPolicy):
     """Creates, continues and closes backfills and loads late events into them.
 
     Thread-safe: loads run as pipeline jobs on the delivery threads. One instance per run.
@@ -445,78 +444,6 @@ class BackfillManager(BackfillLifecycle):
         with self._stats.lock:
             self._stats.already_delivered += len(mine) - len(todo)
         return todo
-
-    def _count_issued(
-        self, event: t.Mapping[str, t.Any], window: Window, period: IssuedPeriod, action: str
-    ) -> None:
-        """Count one event of an issued period (caller holds the stats lock)."""
-        customer = event.get("external_customer_id") or event.get("customer_id")
-        row = (str(customer), window.label, period.invoice, action)
-        self._stats.issued_period_events[row] += 1
-
-    def _issued_policy_apply(
-        self, load: WindowLoad, part: Part, send: list[int], done: Loaded
-    ) -> tuple[list[int], dict[int, IssuedPeriod]]:
-        """Apply `issued_period_policy` to the events about to be sent.
-
-        Returns:
-            The events still to send, and those of them that fall in an issued period.
-        """
-        if not load.issued:
-            return send, {}
-        events = part.events
-        hits = {
-            i: period for i in send
-            if (period := issued_period_of(load.issued, events[i])) is not None
-        }
-        if not hits:
-            return send, {}
-        policy = self._issued_policy
-        first = next(iter(hits.values()))
-        customers = sorted({
-            str(events[i].get("external_customer_id") or events[i].get("customer_id"))
-            for i in hits
-        })
-        if policy == "fail":
-            msg = (
-                f"{len(hits)} late event(s) of customer(s) {', '.join(customers[:5])} fall in a "
-                f"period Orb has already invoiced (invoice {first.invoice}, "
-                f"{format_orb(first.start)}..{format_orb(first.end)}). Orb does not change or "
-                "re-issue an issued invoice, so loading them would not bill them "
-                "(`issued_period_policy: fail`). These events were not sent and no STATE was "
-                "written past them. Decide with whoever owns billing: set "
-                "`issued_period_policy: backfill` to load them for usage reporting (then "
-                "adjust the invoice or issue a credit note in Orb), or `dead_letter` to keep "
-                "them out of Orb and on record; then rerun."
-            )
-            raise OrbFatalError(msg)
-        if policy == "dead_letter":
-            with self._stats.lock:
-                for i, period in hits.items():
-                    self._count_issued(events[i], load.window, period, "dead-lettered")
-            for i, period in hits.items():
-                customer = events[i].get("external_customer_id") or events[i].get("customer_id")
-                reason = (
-                    f"Orb already issued invoice {period.invoice} for customer {customer} "
-                    f"covering {format_orb(period.start)}..{format_orb(period.end)}; Orb does "
-                    "not change or re-issue an issued invoice, so this late event would never "
-                    "be billed (issued_period_policy: dead_letter). Adjust the invoice or "
-                    "issue a credit note in Orb if it should be billed; to load it for usage "
-                    "reporting, replay it with issued_period_policy: backfill."
-                )
-                done.rejected.append(entry(part.stream, part.records[i], reason, "orb", events[i]))
-            return [i for i in send if i not in hits], {}
-        LOGGER.warning(
-            "%d late event(s) of customer(s) %s fall in a period Orb has already invoiced "
-            "(e.g. invoice %s); loading them (issued_period_policy: backfill): Orb shows "
-            "them in usage but does not re-bill an issued invoice.",
-            len(hits), ", ".join(customers[:5]), first.invoice,
-        )
-        return send, hits
-
-    # -- backfill lifecycle ------------------------------------------------------
-
-    # -- end of run --------------------------------------------------------------
 
     def finish(self, *, failed: bool, closer: Deliverer | None = None) -> None:
         """Close every backfill this run created (and leftovers of killed runs on success).
