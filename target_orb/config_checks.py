@@ -277,6 +277,23 @@ def config_problems(config: t.Mapping[str, t.Any]) -> list[str]:
     Returns:
         Messages; empty when the config is usable.
     """
+    problems = _customer_field_problems(config)
+    for name in ("properties_mapping", "traits_mapping"):
+        problems += _mapping_problems(name, config.get(name))
+    if load_method(config) == "overwrite":
+        problems.append(
+            "`load_method: overwrite` is not supported: in Orb it would mean a replacing "
+            "backfill, which deletes billed events and is a deliberate operation to run in "
+            "Orb itself. Use `upsert` to amend changed events (and deprecate deleted ones "
+            "with `deprecate_deleted_events`), or `append-only`.",
+        )
+    if config.get("identify_policy") == "customer_metadata":
+        problems += _identify_problems(config)
+    return problems + _api_url_problems(config.get("api_url"))
+
+
+def _customer_field_problems(config: t.Mapping[str, t.Any]) -> list[str]:
+    """Exactly one customer field, or the preset's default."""
     problems: list[str] = []
     preset = config.get("record_preset") or "segment"
     ext_field = config.get("external_customer_id_field")
@@ -293,29 +310,30 @@ def config_problems(config: t.Mapping[str, t.Any]) -> list[str]:
             "Both `external_customer_id_field` and `customer_id_field` are set; Orb takes "
             "exactly one customer field per event. Remove one of them.",
         )
-    for name in ("properties_mapping", "traits_mapping"):
-        problems += _mapping_problems(name, config.get(name))
-    if load_method(config) == "overwrite":
+    return problems
+
+
+def _identify_problems(config: t.Mapping[str, t.Any]) -> list[str]:
+    """`identify_policy: customer_metadata` with settings it cannot work with."""
+    problems: list[str] = []
+    if config.get("customer_id_field"):
         problems.append(
-            "`load_method: overwrite` is not supported: in Orb it would mean a replacing "
-            "backfill, which deletes billed events and is a deliberate operation to run in "
-            "Orb itself. Use `upsert` to amend changed events (and deprecate deleted ones "
-            "with `deprecate_deleted_events`), or `append-only`.",
+            "`identify_policy: customer_metadata` updates customers by external id "
+            "(`PUT /v1/customers/external_customer_id/{id}`) and `customer_id_field` is "
+            "set: use `external_customer_id_field` instead, or `identify_policy: skip`.",
         )
-    if config.get("identify_policy") == "customer_metadata":
-        if cust_field:
-            problems.append(
-                "`identify_policy: customer_metadata` updates customers by external id "
-                "(`PUT /v1/customers/external_customer_id/{id}`) and `customer_id_field` is "
-                "set: use `external_customer_id_field` instead, or `identify_policy: skip`.",
-            )
-        if "identify" in {str(v).lower() for v in config.get("event_types") or ()}:
-            problems.append(
-                "`event_types` lists `identify` and `identify_policy` is `customer_metadata`; "
-                "an Identify record becomes a customer metadata update, not a usage event. "
-                "Remove `identify` from `event_types`.",
-            )
-    api_url = config.get("api_url")
+    if "identify" in {str(v).lower() for v in config.get("event_types") or ()}:
+        problems.append(
+            "`event_types` lists `identify` and `identify_policy` is `customer_metadata`; "
+            "an Identify record becomes a customer metadata update, not a usage event. "
+            "Remove `identify` from `event_types`.",
+        )
+    return problems
+
+
+def _api_url_problems(api_url: t.Any) -> list[str]:
+    """An http(s) URL; plain http only for a loopback host."""
+    problems: list[str] = []
     if isinstance(api_url, str):
         parts = urlsplit(api_url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:

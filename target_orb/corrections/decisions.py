@@ -185,6 +185,19 @@ def refusal_reason(
     """
     verb = "amend" if op == "amend" else "deprecate"
     orb_said = f" Orb said (HTTP {status}): {orb_error_summary(body, 300)}"
+    text = _refusal_text(code, verb=verb, key=key, stored=stored, new=new)
+    return f"Orb refused the correction ({code}): {text}{orb_said}"
+
+
+def _refusal_text(
+    code: str,
+    *,
+    verb: str,
+    key: str,
+    stored: t.Mapping[str, t.Any] | None,
+    new: t.Mapping[str, t.Any] | None,
+) -> str:
+    """What `refusal_reason` says for one refusal code, before Orb's own words."""
     stored_ts = (stored or {}).get("timestamp")
     new_ts = (new or {}).get("timestamp")
     if code == "timestamp_changed":
@@ -234,6 +247,6 @@ def refusal_reason(
             f"Orb refused to {verb} event {key!r}; check Orb's message below, fix the cause, "
             "then replay this line."
         )
-    return f"Orb refused the correction ({code}): {text}{orb_said}"
+    return text
 
 

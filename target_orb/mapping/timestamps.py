@@ -289,6 +289,44 @@ def _from_string(text: str, value: object) -> datetime.datetime:
     raise _error(value)
 
 
+def _from_other(value: object) -> datetime.datetime:
+    """`to_utc` past its fast paths: numbers, datetime subclasses, dates, str subclasses."""
+    if isinstance(value, bool):  # bool is an int subclass, and never a timestamp
+        raise _error(value, "a boolean is not a timestamp")
+    if isinstance(value, int):
+        return _from_epoch_int(int(value), value)
+    if isinstance(value, Decimal):
+        return _from_epoch_decimal(value, value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _error(value, "not a finite number")
+        # repr() is the shortest string that reads back as this float, i.e. what the
+        # producer wrote; the exact binary value would truncate 0.123456 to 0.123455.
+        return _from_epoch_decimal(Decimal(repr(float(value))), value)
+    if isinstance(value, datetime.datetime):
+        # A subclass (pandas.Timestamp, pendulum.DateTime, ...): rebuild a plain datetime so
+        # that formatting cannot pick up the subclass's extras (nanoseconds).
+        plain = datetime.datetime(
+            value.year,
+            value.month,
+            value.day,
+            value.hour,
+            value.minute,
+            value.second,
+            value.microsecond,
+            value.tzinfo,
+            fold=value.fold,
+        )
+        return _from_aware_or_naive(plain, value)
+    if isinstance(value, datetime.date):
+        return datetime.datetime(value.year, value.month, value.day, tzinfo=_UTC)
+    if isinstance(value, str):  # a str subclass
+        return to_utc(str(value))
+    if value is None:
+        raise _error(value, "value is missing")
+    raise _error(value, f"unsupported type {type(value).__name__} ({_EXPECTED})")
+
+
 def to_utc(value: object) -> datetime.datetime:
     """Parse any accepted input into an aware UTC datetime (microsecond precision).
 
@@ -331,40 +369,7 @@ def to_utc(value: object) -> datetime.datetime:
             return value
         return _from_aware_or_naive(value, value)
 
-    if isinstance(value, bool):  # bool is an int subclass, and never a timestamp
-        raise _error(value, "a boolean is not a timestamp")
-    if isinstance(value, int):
-        return _from_epoch_int(int(value), value)
-    if isinstance(value, Decimal):
-        return _from_epoch_decimal(value, value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise _error(value, "not a finite number")
-        # repr() is the shortest string that reads back as this float, i.e. what the
-        # producer wrote; the exact binary value would truncate 0.123456 to 0.123455.
-        return _from_epoch_decimal(Decimal(repr(float(value))), value)
-    if isinstance(value, datetime.datetime):
-        # A subclass (pandas.Timestamp, pendulum.DateTime, ...): rebuild a plain datetime so
-        # that formatting cannot pick up the subclass's extras (nanoseconds).
-        plain = datetime.datetime(
-            value.year,
-            value.month,
-            value.day,
-            value.hour,
-            value.minute,
-            value.second,
-            value.microsecond,
-            value.tzinfo,
-            fold=value.fold,
-        )
-        return _from_aware_or_naive(plain, value)
-    if isinstance(value, datetime.date):
-        return datetime.datetime(value.year, value.month, value.day, tzinfo=_UTC)
-    if isinstance(value, str):  # a str subclass
-        return to_utc(str(value))
-    if value is None:
-        raise _error(value, "value is missing")
-    raise _error(value, f"unsupported type {type(value).__name__} ({_EXPECTED})")
+    return _from_other(value)
 
 
 def format_orb(dt: datetime.datetime) -> str:

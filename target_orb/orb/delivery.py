@@ -142,6 +142,16 @@ class _NoLimit:
 MAX_RETRY_AFTER_SECONDS = 300.0
 
 
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    """A failed attempt: why, how long to wait, Orb's Retry-After, whether the limiter paces."""
+
+    failure: str
+    wait: float
+    asked: float | None = None  # Orb's Retry-After (seconds), when it sent one
+    paced: bool = False  # pacing to Orb's limit while it accepts requests: not charged
+
+
 class Deliverer:
     """Delivers lists of Orb events; thread-safe (no per-call state on self)."""
 
@@ -389,67 +399,88 @@ class Deliverer:
             ticket = limiter.acquire(weight, self._abort)
             if limiter.progressing(self._budget):
                 uncharged += self._clock() - before
-            asked: float | None = None
-            paced = False
-            try:
-                response = send_once()
-            except TransportError as exc:
-                limiter.released(ticket)
-                failure = f"{exc.kind} ({exc.detail})"
-                wait = next(delays)
-                if on_ambiguous is not None:
-                    on_ambiguous()
-            else:
-                if classify(response.status) is not Outcome.RETRY:
-                    limiter.accepted(ticket)
-                    return response
-                failure = f"HTTP {response.status}"
-                if response.status >= 500 and on_ambiguous is not None:
-                    on_ambiguous()
-                asked = retry_after_seconds(response.headers)
-                scheduled = next(delays)  # the schedule advances on every retry
-                pacing = (
-                    limiter.refused(ticket)
-                    if response.status == 429 and asked is None else None
-                )
-                if asked is not None:
-                    orb_asked = asked
-                    limiter.released(ticket)
-                    wait = min(asked, MAX_RETRY_AFTER_SECONDS)
-                    if response.status == 429:
-                        limiter.penalize(wait)
-                elif pacing is not None:
-                    wait = pacing
-                    paced = limiter.progressing(self._budget)
-                else:
-                    limiter.released(ticket)
-                    wait = scheduled
+            answer = self._attempt(send_once, ticket, limiter, delays, on_ambiguous)
+            if isinstance(answer, Response):
+                return answer
+            if answer.asked is not None:
+                orb_asked = answer.asked
+            wait = answer.wait
             elapsed = self._clock() - started - uncharged
             remaining = self._budget - elapsed
-            if not paced and (last_try or wait > remaining):
-                if asked is not None and not last_try and remaining > 1.0:
+            if not answer.paced and (last_try or wait > remaining):
+                if answer.asked is not None and not last_try and remaining > 1.0:
                     wait = remaining  # wait what the budget allows, then one last attempt
                     last_try = True
                 else:
                     raise OrbRetryExhaustedError(
                         self._exhausted(
-                            items, what, failure=failure, attempt=attempt, elapsed=elapsed,
-                            asked=asked if asked is not None else orb_asked,
+                            items, what, failure=answer.failure, attempt=attempt,
+                            elapsed=elapsed, asked=orb_asked,
                         ),
                     )
-            if paced:
+            if answer.paced:
                 uncharged += wait
-            else:
-                LOGGER.warning(
-                    "Orb request failed: %s for %s (%s, attempt %d); retrying in %.2f s.",
-                    failure, items, what, attempt + 1, wait,
-                )
+            self._wait_to_retry(answer, wait, f"{items} ({what}, attempt {attempt + 1})", on_retry)
             attempt += 1
-            if on_retry is not None:
-                on_retry()
-            if self._sleep(wait):
-                msg = "delivery aborted while waiting to retry"
-                raise DeliveryAbortedError(msg)
+
+    def _wait_to_retry(
+        self, answer: _Retry, wait: float, where: str, on_retry: t.Callable[[], None] | None
+    ) -> None:
+        """Say why (unless only pacing to Orb's limit), count the retry, then wait.
+
+        Raises:
+            DeliveryAbortedError: The run aborted during the wait.
+        """
+        if not answer.paced:
+            LOGGER.warning(
+                "Orb request failed: %s for %s; retrying in %.2f s.", answer.failure, where, wait,
+            )
+        if on_retry is not None:
+            on_retry()
+        if self._sleep(wait):
+            msg = "delivery aborted while waiting to retry"
+            raise DeliveryAbortedError(msg)
+
+    def _attempt(
+        self,
+        send_once: t.Callable[[], Response],
+        ticket: t.Any,
+        limiter: Limiter,
+        delays: t.Iterator[float],
+        on_ambiguous: t.Callable[[], None] | None,
+    ) -> Response | _Retry:
+        """Send once: the response when it is final, else what the next retry needs.
+
+        The retry schedule (`delays`) advances on every failed attempt, whichever wait is
+        used; the limiter gets the ticket back with the answer.
+        """
+        try:
+            response = send_once()
+        except TransportError as exc:
+            limiter.released(ticket)
+            wait = next(delays)
+            if on_ambiguous is not None:
+                on_ambiguous()
+            return _Retry(f"{exc.kind} ({exc.detail})", wait)
+        if classify(response.status) is not Outcome.RETRY:
+            limiter.accepted(ticket)
+            return response
+        failure = f"HTTP {response.status}"
+        if response.status >= 500 and on_ambiguous is not None:
+            on_ambiguous()
+        asked = retry_after_seconds(response.headers)
+        scheduled = next(delays)
+        pacing = limiter.refused(ticket) if response.status == 429 and asked is None else None
+        if asked is not None:
+            limiter.released(ticket)
+            wait = min(asked, MAX_RETRY_AFTER_SECONDS)
+            if response.status == 429:
+                limiter.penalize(wait)
+            return _Retry(failure, wait, asked=asked)
+        if pacing is not None:
+            return _Retry(failure, pacing, paced=limiter.progressing(self._budget))
+        limiter.released(ticket)
+        return _Retry(failure, scheduled)
 
     def _exhausted(
         self,

@@ -19,7 +19,7 @@ from target_orb.orb.answers import Outcome, classify, orb_error_summary
 
 if t.TYPE_CHECKING:
     from target_orb.orb.client import OrbClient
-    from target_orb.orb.delivery import Deliverer, Limiter
+    from target_orb.orb.delivery import Deliverer, Limiter, Response
 
 MAX_IDS_PER_SEARCH = 500  # EventSearchCriteria.event_ids: 1-500 items (Orb's OpenAPI spec)
 SEARCH_PATH = "/events/search"
@@ -81,25 +81,44 @@ def search_existing(
         response = deliverer.request(once, what=f"POST {url}", limiter=limiter)
         if on_request is not None:
             on_request()
-        if classify(response.status) is not Outcome.OK or not isinstance(response.body, dict):
-            msg = (
-                f"Orb answered HTTP {response.status} to POST {url} "
-                f"({orb_error_summary(response.body, 200)}) when target-orb looked up which "
-                f"of {len(chunk)} events it already holds (between {start} and {end}). "
-                "Nothing of these events was sent and no STATE was written past them. Check "
-                "that the API key may read events (`api_key`) and `api_url`, then rerun."
-            )
-            raise OrbFatalError(msg)
-        data = response.body.get("data")
-        if not isinstance(data, list):
-            msg = (
-                f"Orb's answer to POST {url} has no `data` list "
-                f"({orb_error_summary(response.body, 200)}); cannot tell which events Orb "
-                "already holds, so nothing of them was sent. Check `api_url` points at Orb."
-            )
-            raise OrbFatalError(msg)
         asked = set(chunk)
-        for item in data:
+        for item in _found_events(response, url, len(chunk), start, end):
             if isinstance(item, dict) and item.get("id") in asked:
                 found[item["id"]] = item
     return found
+
+
+def _found_events(response: Response, url: str, count: int, start: str, end: str) -> list[t.Any]:
+    """The `data` of Orb's answer to one search, or the fatal error it means.
+
+    Args:
+        response: Orb's answer (after retries).
+        url: The search URL, for messages.
+        count: Keys looked up in this call.
+        start: The timeframe's start, as sent.
+        end: The timeframe's end, as sent.
+
+    Returns:
+        The events Orb returned.
+
+    Raises:
+        OrbFatalError: Orb refused the search, or its answer has no `data` list.
+    """
+    if classify(response.status) is not Outcome.OK or not isinstance(response.body, dict):
+        msg = (
+            f"Orb answered HTTP {response.status} to POST {url} "
+            f"({orb_error_summary(response.body, 200)}) when target-orb looked up which "
+            f"of {count} events it already holds (between {start} and {end}). "
+            "Nothing of these events was sent and no STATE was written past them. Check "
+            "that the API key may read events (`api_key`) and `api_url`, then rerun."
+        )
+        raise OrbFatalError(msg)
+    data = response.body.get("data")
+    if not isinstance(data, list):
+        msg = (
+            f"Orb's answer to POST {url} has no `data` list "
+            f"({orb_error_summary(response.body, 200)}); cannot tell which events Orb "
+            "already holds, so nothing of them was sent. Check `api_url` points at Orb."
+        )
+        raise OrbFatalError(msg)
+    return data

@@ -145,12 +145,6 @@ class RunStats:
         Returns:
             Multi-line text.
         """
-        def by_reason(counter: collections.Counter[str]) -> str:
-            if not counter:
-                return "0"
-            items = ", ".join(f"{k}: {v}" for k, v in sorted(counter.items()))
-            return f"{sum(counter.values())} ({items})"
-
         head = "target-orb summary"
         if dry_run:
             head += " (DRY RUN: nothing was sent, no STATE written)"
@@ -162,11 +156,26 @@ class RunStats:
             f"  events sent:           {self.events_sent}",
             f"  events accepted:       {self.events_accepted}",
             f"  duplicates collapsed:  {self.duplicates_collapsed}",
-            f"  skipped:               {by_reason(self.skipped)}",
-            f"  invalid:               {by_reason(self.invalid)}",
+            f"  skipped:               {_by_reason(self.skipped)}",
+            f"  invalid:               {_by_reason(self.invalid)}",
             f"  rejected by Orb:       {self.rejected_by_orb}",
             f"  requests / retries:    {self.requests} / {self.retries}",
         ]
+        lines += self._backfill_lines()
+        if self.identifies_read:
+            lines += [
+                f"  identifies read:       {self.identifies_read}",
+                f"  customers updated:     {self.customers_updated}",
+                f"  updates merged:        {self.identify_updates_merged}",
+                f"  customers not found:   {self.customers_not_found}",
+                f"  identifies skipped:    {_by_reason(self.identifies_skipped)}",
+            ]
+        lines += self._tail_lines(dead_letter_path)
+        return "\n".join(lines)
+
+    def _backfill_lines(self) -> list[str]:
+        """The summary's lines about late events, backfills and the dry run's plan."""
+        lines: list[str] = []
         if self.late_events or self.late_rerouted or self.backfills:
             lines.append(
                 f"  late events:           {self.late_events} (+{self.late_rerouted} Orb "
@@ -196,14 +205,11 @@ class RunStats:
                 f"  backfill plan: {row['timeframe_start']}..{row['timeframe_end']}, "
                 f"{row['events']} events",
             )
-        if self.identifies_read:
-            lines += [
-                f"  identifies read:       {self.identifies_read}",
-                f"  customers updated:     {self.customers_updated}",
-                f"  updates merged:        {self.identify_updates_merged}",
-                f"  customers not found:   {self.customers_not_found}",
-                f"  identifies skipped:    {by_reason(self.identifies_skipped)}",
-            ]
+        return lines
+
+    def _tail_lines(self, dead_letter_path: str | None) -> list[str]:
+        """The summary's last lines: derived keys and dead letters."""
+        lines: list[str] = []
         if self.keys_derived:
             lines.append(f"  keys derived (no key): {self.keys_derived}")
         if self.dead_lettered and dead_letter_path:
@@ -213,4 +219,12 @@ class RunStats:
                 f"  already dead-lettered: {self.already_dead_lettered} (same record and reason "
                 f"already in {dead_letter_path}; not appended again)"
             )
-        return "\n".join(lines)
+        return lines
+
+
+def _by_reason(counter: collections.Counter[str]) -> str:
+    """`0`, or the total and each reason's count (`3 (a: 1, b: 2)`)."""
+    if not counter:
+        return "0"
+    items = ", ".join(f"{k}: {v}" for k, v in sorted(counter.items()))
+    return f"{sum(counter.values())} ({items})"

@@ -312,12 +312,14 @@ def start_target(config: dict, lines: list[str], workdir: Path) -> subprocess.Po
     (workdir / "config.json").write_text(json.dumps(config))
     (workdir / "input.singer").write_text("\n".join(lines) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TARGET_ORB_")}
-    return subprocess.Popen(
-        [sys.executable, "-c", _FAST_DRAIN, "0.002", "--config", str(workdir / "config.json"),
-         "--input", str(workdir / "input.singer")],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=(workdir / "stderr").open("w"),
-        text=True, env=env,
-    )
+    # The child keeps its own copy of the stderr file; this process closes its own at once.
+    with (workdir / "stderr").open("w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-c", _FAST_DRAIN, "0.002", "--config",
+             str(workdir / "config.json"), "--input", str(workdir / "input.singer")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+            text=True, env=env,
+        )
 
 
 def held_keys(orb: FakeOrb) -> set[str]:
@@ -330,9 +332,10 @@ def held_keys(orb: FakeOrb) -> set[str]:
 
 def watch_states(proc: subprocess.Popen, orb: FakeOrb, out: list[tuple[dict, set[str]]]) -> None:
     assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.strip():
-            out.append((json.loads(line), held_keys(orb)))
+    with proc.stdout:  # closed at the end of the output (the run ended or was killed)
+        for line in proc.stdout:
+            if line.strip():
+                out.append((json.loads(line), held_keys(orb)))
 
 
 def assert_states_honest(states: list[tuple[dict, set[str]]], records: list[dict]) -> None:

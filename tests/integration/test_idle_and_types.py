@@ -40,9 +40,10 @@ class QuietTap:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.strip():
-                self.states.put(json.loads(line))
+        with self.proc.stdout:  # closed once the target's output ends
+            for line in self.proc.stdout:
+                if line.strip():
+                    self.states.put(json.loads(line))
 
     def send(self, lines: list[str]) -> None:
         assert self.proc.stdin is not None
