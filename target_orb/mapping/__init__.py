@@ -1,1 +1,4 @@
-"""mapping"""
+"""Pure record → Orb event.
+
+Fields, properties, timestamps, the track mapping and traits → metadata.
+"""

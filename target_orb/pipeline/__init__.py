@@ -1,1 +1,1 @@
-"""pipeline"""
+"""The STATE gate (delivery threads, ordered acknowledgement), dead letters, run statistics."""

@@ -1,1 +1,1 @@
-"""state"""
+"""target-orb's own store at `state_url` (the ledger) and the digests kept in it."""

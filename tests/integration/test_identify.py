@@ -3,7 +3,8 @@
 Each test seeds the stand-in's customers, runs the CLI on a Singer feed and asserts on what
 the stand-in holds afterwards (each customer's metadata), on every customer request it
 received, on the events that landed, the dead-letter lines, STATE and stderr
-(CONTRACT.md "Identify → customer metadata"; reference/orb-api.md §5; issue 9).
+(CONTRACT.md "Identify → customer metadata"; orb-billing resources/customers/customers.py,
+`update_by_external_id`; issue 9).
 """
 
 from __future__ import annotations
