@@ -171,6 +171,8 @@ def test_a_killed_test_run_leaves_no_server_running(postgres: PostgresServer) ->
     finally:
         child.kill()
         child.wait(timeout=10)
+        if child.stdout is not None:
+            child.stdout.close()
     pid, base = int(pid_text), Path(base_text)
     deadline = time.monotonic() + 15
     while (_running(pid) or base.exists()) and time.monotonic() < deadline:
