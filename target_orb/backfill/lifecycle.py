@@ -186,7 +186,9 @@ class BackfillLifecycle(BackfillRequests):
             close = instant(backfill.get("close_time"))
             owned = self.record.owner_entry(backfill)
             open_ = backfill.get("status") == "pending" and (close is None or close > now)
-            if owned is not None:
+            if owned is None and (job := self.record.other_job(backfill)) is not None:
+                self._wait_other_job(backfill, job, window)  # never written into or closed
+            elif owned is not None:
                 if owned.get("id") is None:
                     self.record.update(owned["idempotency_key"], now, id=bid, state="pending")
                 LOGGER.warning(
@@ -256,6 +258,9 @@ class BackfillLifecycle(BackfillRequests):
         open_ = backfill.get("status") == "pending" and (close is None or close > self._now())
         other = this_run.get(bid)
         owned = other is not None or self.record.owner_entry(backfill) is not None
+        if not owned and (job := self.record.other_job(backfill)) is not None:
+            self._wait_other_job(backfill, job, window)  # another job's: waited for
+            return True
         if owned and not overlaps:
             self._single = True
             LOGGER.warning(
@@ -360,7 +365,9 @@ class BackfillLifecycle(BackfillRequests):
             1 for e in self.record.entries()
             if e.get("timeframe_start") == payload["timeframe_start"]
         )
-        digest = hashlib.sha256(jsonutil.dumps_sorted([payload, made])).hexdigest()
+        # Jobs sharing a store never share a key (Orb would answer both with one backfill).
+        who = [payload, made, self.record.job_name] if self.record.job_name else [payload, made]
+        digest = hashlib.sha256(jsonutil.dumps_sorted(who)).hexdigest()
         key = f"target-orb-backfill-{digest[:44]}"
         self.record.add_intent(payload, key, now)
         return payload, key, end

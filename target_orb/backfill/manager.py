@@ -41,15 +41,6 @@ _UTC = datetime.timezone.utc
 _TOO_OLD = re.compile(r"grace|too old|older than|backfill", re.IGNORECASE)
 
 
-# ----------------------------------------------------------------------------- windows
-
-
-# ----------------------------------------------------------------------------- issued invoices
-
-
-# ----------------------------------------------------------------------------- ownership record
-
-
 # ----------------------------------------------------------------------------- manager
 
 
@@ -513,8 +504,6 @@ class BackfillManager(BackfillLifecycle):
             len(hits), ", ".join(customers[:5]), first.invoice,
         )
         return send, hits
-
-    # -- backfill lifecycle ------------------------------------------------------
 
     # -- end of run --------------------------------------------------------------
 
