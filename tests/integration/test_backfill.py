@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import sqlite3
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
