@@ -350,37 +350,6 @@ class BackfillRequests:
             self._sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _wait_other_job(self, backfill: t.Mapping[str, t.Any], job: str, window: Window) -> None:
-        """Wait until Orb no longer lists another job's backfill as pending: that job closes
-        it when its run ends, or Orb at its close_time. Never written into, never closed."""
-        bid = str(backfill.get("id"))
-        close = instant(backfill.get("close_time"))
-        LOGGER.warning(
-            "Backfill %s (%s..%s) overlapping %s was created by target-orb job %r, which "
-            "shares this store; waiting until Orb has reflected it (that job closes it when "
-            "its run ends; Orb at its close time %s).",
-            bid, backfill.get("timeframe_start"), backfill.get("timeframe_end"), window.label,
-            job, backfill.get("close_time"),
-        )
-        delay = 0.5
-        while True:
-            current = self._fetch(bid)
-            if current.get("status") not in PENDING:
-                return
-            late = close is not None and self._now() > close + datetime.timedelta(
-                seconds=self._budget
-            )
-            if late or self._aborted():
-                msg = (
-                    f"Backfill {bid} of target-orb job {job!r} overlapping {window.label} is "
-                    f"still {current.get('status')} in Orb past its close time "
-                    f"{backfill.get('close_time')}. Nothing of this window was sent and no "
-                    "STATE was written past it; rerun once Orb shows it `reflected`."
-                )
-                raise OrbFatalError(msg)
-            self._sleep(delay)
-            delay = min(delay * 2, 5.0)
-
     @staticmethod
     def _row(load: WindowLoad, status: str) -> dict[str, t.Any]:
         return {
