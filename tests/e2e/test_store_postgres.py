@@ -133,6 +133,10 @@ def test_two_jobs_sharing_the_store_with_overlapping_windows_both_finish(postgre
             assert f"target-orb job '{name}'" in result.stderr
             assert "did not create it" not in result.stderr
         assert len(results) == 2
+        # They met: one waited for the other's backfill instead of stopping as "foreign".
+        assert any("shares this store; waiting" in r.stderr for r in results.values()), (
+            "\n".join(r.stderr for r in results.values())
+        )
         counts = _billed(fake)
         expected = {r["messageId"] for records in jobs.values() for r in records}
         assert set(counts) == expected
