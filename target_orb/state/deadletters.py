@@ -120,10 +120,13 @@ class DeadLetterStore:
                     sa.select(c.digest).where(c.digest.in_(digests))
                 ).scalars())
                 new = [r for r in chunk if r["digest"] not in known]
-                for row in new:  # one by one: a concurrent writer's row is skipped, not counted
-                    stmt = insert_for(engine, dead_letters_table).values(**row)
-                    result = conn.execute(stmt.on_conflict_do_nothing(index_elements=["digest"]))
-                    written += int(result.rowcount or 0)
+                if new:
+                    # RETURNING names the rows inserted: one a concurrent writer stored
+                    # first is skipped and not counted.
+                    stmt = insert_for(engine, dead_letters_table).on_conflict_do_nothing(
+                        index_elements=["digest"],
+                    ).returning(c.digest)
+                    written += len(conn.execute(stmt, new).all())
                 if known:
                     conn.execute(
                         sa.update(dead_letters_table)
@@ -180,14 +183,6 @@ def mark_replayed(store: Ledger, ids: t.Sequence[int]) -> None:
             chunk = list(ids[start:start + _IN_CHUNK])
             conn.execute(sa.update(dead_letters_table).where(c.id.in_(chunk))
                          .values(replayed_at=now))
-
-
-def prune(store: Ledger, before: datetime.datetime) -> int:
-    """Delete replayed entries replayed before `before` (unreplayed ones are always kept)."""
-    c = dead_letters_table.c
-    with store.guard(), store.engine.begin() as conn:
-        result = conn.execute(sa.delete(dead_letters_table).where(c.replayed_at < before))
-        return int(result.rowcount or 0)
 
 
 def _text(value: datetime.datetime | None) -> str | None:
