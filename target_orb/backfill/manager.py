@@ -555,7 +555,7 @@ class BackfillManager(BackfillLifecycle):
                     self.record.update(
                         load.key, self._now(), state="closed", events=load.events
                     )
-                except OSError as exc:
+                except (OSError, OrbFatalError) as exc:
                     LOGGER.error("Could not update the backfill record: %s", exc)
         if not failed:
             self._close_leftovers(closer)

@@ -13,6 +13,8 @@ import os
 import threading
 import typing as t
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from target_orb import jsonutil
 from target_orb.backfill.windows import instant
 from target_orb.errors import OrbFatalError
@@ -262,7 +264,17 @@ class StoreOwnershipRecord:
         return None
 
     def load(self) -> None:
-        """Import a legacy JSON record once; prune entries closed long ago."""
+        """Import a legacy JSON record once; prune entries closed long ago.
+
+        Raises:
+            OrbFatalError: The store cannot be used, or the legacy file is damaged.
+        """
+        try:
+            self._load()
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "read the backfill record") from None
+
+    def _load(self) -> None:
         if os.path.exists(self.legacy_path):
             marker = "imported:" + os.path.abspath(self.legacy_path)[:230]
             if not self.rows.imported(marker):
@@ -279,10 +291,33 @@ class StoreOwnershipRecord:
 
     def entries(self) -> list[dict[str, t.Any]]:
         """This job's entries for `api_url`, oldest first."""
-        return [e for e in self.rows.all(self.api_url) if e["job_name"] == self.job_name]
+        try:
+            entries = self.rows.all(self.api_url)
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "be read") from None
+        return [e for e in entries if e["job_name"] == self.job_name]
+
+    def _fail(self, exc: SQLAlchemyError, doing: str) -> OrbFatalError:
+        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+        msg = (
+            f"target-orb's store (`state_url` {describe(self.rows.store.url)}) could not "
+            f"{doing}: {detail}. Fix the database, then rerun; a backfill left pending is "
+            "recognised from the store and closed then."
+        )
+        return OrbFatalError(msg)
 
     def add_intent(self, payload: dict[str, t.Any], key: str, now: datetime.datetime) -> None:
-        """Commit a create about to be sent (before the request)."""
+        """Commit a create about to be sent (before the request).
+
+        Raises:
+            OrbFatalError: The store cannot be written (nothing was created).
+        """
+        try:
+            self._add_intent(payload, key, now)
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "record a backfill create") from None
+
+    def _add_intent(self, payload: dict[str, t.Any], key: str, now: datetime.datetime) -> None:
         self.rows.insert(self.job_name, {
             "id": None, "api_url": self.api_url, "idempotency_key": key,
             "timeframe_start": payload["timeframe_start"],
@@ -292,8 +327,18 @@ class StoreOwnershipRecord:
         })
 
     def update(self, key: str, now: datetime.datetime, **changes: t.Any) -> None:
-        """Change this job's entry of an Idempotency-Key (or of a backfill id, `id=`)."""
+        """Change this job's entry of an Idempotency-Key (or of a backfill id, `id=`).
+
+        Raises:
+            OrbFatalError: The store cannot be written.
+        """
         del now  # the store stamps updated_at itself
+        try:
+            self._update(key, changes)
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "update a backfill's entry") from None
+
+    def _update(self, key: str, changes: t.Mapping[str, t.Any]) -> None:
         if key:
             mine = [e for e in self.entries() if e["idempotency_key"] == key]
         else:
@@ -324,7 +369,10 @@ class StoreOwnershipRecord:
         """The entry holding the backfill's id; else the intents its timeframe and close
         time match (a create whose answer was lost)."""
         bid = backfill.get("id")
-        entries = self.rows.all(self.api_url)
+        try:
+            entries = self.rows.all(self.api_url)
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "be read") from None
         if bid is not None:
             by_id = [e for e in entries if e["id"] == bid]
             if by_id:

@@ -174,3 +174,16 @@ def test_job_name_defaults_to_the_meltano_state_id(monkeypatch):
            "MELTANO_LOADER_NAME": "target-orb"}
     assert job_name({}, env) == "prod:tap-segment-to-target-orb"
     assert job_name({}, {**env, "MELTANO_STATE_ID": "custom"}) == "custom"
+
+
+def test_a_store_failure_is_a_clear_error_naming_the_setting(store, tmp_path):
+    rec = _record(store, "job-a", tmp_path)
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE target_orb_backfills"))
+    with pytest.raises(OrbFatalError, match=r"`state_url`.*could not record a backfill create"):
+        rec.add_intent(PAYLOAD, "key-a", NOW)
+    writer = DeadLetterStore(store, job_name="job-a", digest=entry_digest)
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE target_orb_dead_letters"))
+    with pytest.raises(OSError, match="cannot write dead letters to the store at `state_url`"):
+        writer.write([entry("s", {"id": 1}, "bad", "local")])
