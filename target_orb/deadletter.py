@@ -59,30 +59,36 @@ def _parser() -> t.Any:
 
     parser = argparse.ArgumentParser(
         prog="target-orb-deadletter",
-        description="Turn target-orb's dead letters back into Singer messages, e.g. "
-        "`target-orb-deadletter replay dl.jsonl > resend.singer`, then, once the cause is "
-        "fixed, `target-orb --config config.json --input resend.singer` (records keep their "
-        "idempotency keys). With `--state-url URL` (dead_letter_target: state) it reads the "
-        "store instead: `list`, `export` (JSON Lines) and `replay` (marks what it replayed). "
-        "Also runs as `python -m target_orb.deadletter`.",
+        description="List, export and replay target-orb's dead letters, from the file at "
+        "`dead_letter_path` or from the store at `--state-url URL` (dead_letter_target: "
+        "state). E.g. `target-orb-deadletter replay dl.jsonl > resend.singer`, then, once the "
+        "cause is fixed, `target-orb --config config.json --input resend.singer` (records keep "
+        "their idempotency keys). From the store, `replay` marks what it replayed, so a second "
+        "replay sends nothing new. Also runs as `python -m target_orb.deadletter`.",
     )
-    parser.add_argument(
-        "--state-url", metavar="URL",
-        help="target-orb's store (the `state_url` setting) instead of a file",
-    )
-    parser.add_argument("--job", help="with --state-url: only this job's dead letters")
+    # Accepted before or after the command (`--state-url URL export`, `export --state-url URL`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-url", metavar="URL", default=argparse.SUPPRESS,
+                        help="target-orb's store (the `state_url` setting) instead of a file")
+    common.add_argument("--job", default=argparse.SUPPRESS,
+                        help="with --state-url: only this job's dead letters")
+    parser.add_argument("--state-url", metavar="URL", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    replay = sub.add_parser("replay", help="write SCHEMA/RECORD lines to stdout (with "
-                            "--state-url: those not replayed yet, then mark them replayed)")
-    replay.add_argument("path", nargs="?", help="dead-letter file (JSON Lines)")
-    sub.add_parser("list", help="with --state-url: one line per dead letter")
-    sub.add_parser("export", help="with --state-url: every dead letter as JSON Lines, "
-                   "oldest first (the file's fields)")
+    helps = {
+        "replay": "write SCHEMA/RECORD lines to stdout (from the store: those not replayed yet, "
+                  "then mark them replayed)",
+        "list": "one line per dead letter (tab-separated)",
+        "export": "every dead letter as JSON Lines, oldest first (the file's fields)",
+    }
+    for name, text in helps.items():
+        command = sub.add_parser(name, help=text, parents=[common])
+        command.add_argument("path", nargs="?", help="dead-letter file (JSON Lines)")
     return parser
 
 
 def main(argv: t.Sequence[str] | None = None) -> int:
-    """`target-orb-deadletter [--state-url URL] replay|list|export [FILE]`.
+    """`target-orb-deadletter replay|list|export (FILE | --state-url URL)`.
 
     Args:
         argv: Command-line arguments.
@@ -92,24 +98,46 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.state_url and args.path:
+        parser.error("give either --state-url URL or a FILE, not both")
     if args.state_url:
-        if args.command == "replay" and args.path:
-            parser.error("give either --state-url or a FILE, not both")
         return _from_store(args.state_url, args.command, args.job)
-    if args.command != "replay" or not args.path:
-        parser.error(f"`{args.command}` reads the store: pass --state-url URL "
-                     "(or `replay FILE` for a dead-letter file)")
+    if not args.path:
+        parser.error("name the dead-letter FILE, or the store with --state-url URL")
     try:
         with open(args.path, encoding="utf-8") as handle:
-            for out in replay_lines(handle):
-                sys.stdout.write(out + "\n")
+            _from_file(handle, args.command)
     except (OSError, ValueError) as exc:
         sys.stderr.write(
-            f"target-orb-deadletter: cannot replay {args.path}: {exc}. Pass the file named by "
-            "`dead_letter_path` (JSON Lines written by target-orb), unchanged.\n"
+            f"target-orb-deadletter: cannot {args.command} {args.path}: {exc}. Pass the file "
+            "named by `dead_letter_path` (JSON Lines written by target-orb), unchanged.\n"
         )
         return 1
     return 0
+
+
+def _from_file(lines: t.Iterable[str], command: str) -> None:
+    """`replay`, `list` or `export` the entries of a dead-letter file."""
+    if command == "replay":
+        for out in replay_lines(lines):
+            sys.stdout.write(out + "\n")
+        return
+    count = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        item = jsonutil.loads(line)
+        if not isinstance(item, dict) or "stream" not in item or "record" not in item:
+            msg = f"line {number} is not a target-orb dead-letter entry (no stream/record)"
+            raise ValueError(msg)
+        count += 1
+        if command == "export":
+            sys.stdout.write(jsonutil.dumps_lenient(item) + "\n")
+        else:
+            sys.stdout.write(f"{number}\t{item['stream']}\t{item.get('source')}\t"
+                             f"{item.get('reason')}\n")
+    if command == "list":
+        sys.stderr.write(f"{count} dead letter(s).\n")
 
 
 def _from_store(url: str, command: str, job: str | None) -> int:

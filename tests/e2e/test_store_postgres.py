@@ -88,16 +88,16 @@ def test_killed_history_load_rerun_on_an_empty_disk_loses_nothing(postgres, tmp_
         ) == "0"
         assert not list((tmp_path / "run2").glob("dead-letter*"))  # nothing on the disk
 
-        exported = _deadletter_cli("--state-url", db.url, "export")
+        exported = _deadletter_cli("export", "--state-url", db.url)
         assert exported.returncode == 0, exported.stderr
         entries = [json.loads(x) for x in exported.stdout.splitlines()]
         ids = [e["record"]["messageId"] for e in entries]
         assert ids == [r["messageId"] for r in first_bad + second_bad]
-        first = _deadletter_cli("--state-url", db.url, "replay")
+        first = _deadletter_cli("replay", "--state-url", db.url)
         assert first.returncode == 0, first.stderr
         replayed = [json.loads(x) for x in first.stdout.splitlines()]
         assert len([m for m in replayed if m["type"] == "RECORD"]) == 6
-        again = _deadletter_cli("--state-url", db.url, "replay")
+        again = _deadletter_cli("replay", "--state-url", db.url)
         assert again.returncode == 0 and again.stdout == ""
         assert postgres.password not in exported.stderr + first.stderr + again.stderr
     finally:

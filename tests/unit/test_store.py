@@ -163,7 +163,7 @@ def test_cli_errors_name_the_option_and_hide_the_password(capsys):
     assert code == 1 and "--state-url" in err and "pw-SECRET" not in err
     assert "Traceback" not in err
     with pytest.raises(SystemExit):
-        cli.main(["list"])  # list reads the store only
+        cli.main(["list"])  # neither a file nor the store
     assert "--state-url" in capsys.readouterr().err
 
 
@@ -187,3 +187,30 @@ def test_a_store_failure_is_a_clear_error_naming_the_setting(store, tmp_path):
         conn.execute(sa.text("DROP TABLE target_orb_dead_letters"))
     with pytest.raises(OSError, match="cannot write dead letters to the store at `state_url`"):
         writer.write([entry("s", {"id": 1}, "bad", "local")])
+
+
+def test_state_url_goes_before_or_after_the_command(store, capsys):
+    DeadLetterStore(store, job_name="job-a", digest=entry_digest).write(
+        [entry("s", {"id": 1}, "bad", "local")]
+    )
+    assert cli.main(["export", "--state-url", store.url]) == 0
+    after = capsys.readouterr().out
+    assert cli.main(["--state-url", store.url, "export"]) == 0
+    assert capsys.readouterr().out == after and json.loads(after)["record"] == {"id": 1}
+    assert cli.main(["export", "--state-url", store.url, "--job", "job-b"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_list_and_export_read_a_dead_letter_file_too(tmp_path, capsys):
+    path = tmp_path / "dl.jsonl"
+    lines = [json.dumps(entry("s", {"id": n}, f"r{n}", "local")) for n in range(2)]
+    path.write_text("\n".join(lines) + "\n")
+    assert cli.main(["export", str(path)]) == 0
+    assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == [
+        json.loads(x) for x in lines
+    ]
+    assert cli.main(["list", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("\n") == 2 and "2 dead letter(s)" in out.err
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(path), "--state-url", "sqlite:///x.sqlite"])
