@@ -12,7 +12,11 @@ import typing as t
 
 from target_orb import jsonutil
 from target_orb.backfill.manager import BackfillManager
-from target_orb.backfill.ownership import OwnershipRecord, record_path_for
+from target_orb.backfill.ownership import (
+    OwnershipRecord,
+    StoreOwnershipRecord,
+    record_path_for,
+)
 from target_orb.corrections.port import LiveOrbPort
 from target_orb.corrections.upsert import Upserter
 from target_orb.errors import OrbFatalError
@@ -23,10 +27,18 @@ from target_orb.mapping.traits import build_identify_spec
 from target_orb.orb.client import OrbClient
 from target_orb.orb.delivery import Deliverer
 from target_orb.orb.ratelimit import RateLimiter
-from target_orb.pipeline.deadletter import DeadLetterWriter
+from target_orb.pipeline.deadletter import DeadLetterWriter, entry_digest
 from target_orb.pipeline.gate import Pipeline
 from target_orb.pipeline.stats import RunStats
-from target_orb.settings import build_delivery_settings, load_method, state_url
+from target_orb.settings import (
+    build_delivery_settings,
+    job_name,
+    load_method,
+    state_url,
+    state_url_setting,
+)
+from target_orb.state.backfills import BackfillRows
+from target_orb.state.deadletters import DeadLetterStore
 from target_orb.state.ledger import Ledger
 from target_orb.state.ledger import default_url as ledger_default_url
 from target_orb.state.ledger import describe as ledger_describe
@@ -62,7 +74,7 @@ class Runtime:
         self.settings = build_delivery_settings(config)
         self.stats = RunStats()
         self.logger = logger
-        self.dead_letters = DeadLetterWriter(self.settings.dead_letter_path)
+        self.job_name = job_name(config)
         self._started = False
         self._derived_warned = False
         self._summarized = False
@@ -81,10 +93,12 @@ class Runtime:
         self.deliverer: Deliverer | None = None
         if not self.settings.dry_run:
             self.client, self.ingest_limiter, self.deliverer = _build_ingest(self, config)
-        self.pipeline = _build_pipeline(self, state_writer, interrupt_main_on_failure)
-        # target-orb's own store (`state_url`): the corrections ledger under upsert, and the
-        # keys target-orb delivered under `late_event_policy: backfill`.
+        # target-orb's own store (`state_url`): the corrections ledger under upsert, the keys
+        # target-orb delivered and the backfills it created under `late_event_policy:
+        # backfill`, the dead letters under `dead_letter_target: state`.
         self.ledger = _build_ledger(self, config)
+        self.dead_letters = _build_dead_letters(self, config)
+        self.pipeline = _build_pipeline(self, state_writer, interrupt_main_on_failure)
         self.backfills = _build_backfills(self, config)
         # `load_method: upsert` (README "Corrections"); None keeps append-only untouched.
         self.corrections = _build_corrections(self, config)
@@ -141,6 +155,7 @@ class Runtime:
         problem = self.dead_letters.check_writable()
         if problem is not None:
             raise OrbFatalError(problem + " Nothing was read or sent.")
+        self.logger.info("target-orb job %r.", self.job_name)
         if self.settings_config.get("ledger_url") and not self.settings_config.get("state_url"):
             self.logger.warning(
                 "`ledger_url` is the earlier name of `state_url`; it still works, but rename "
@@ -156,7 +171,7 @@ class Runtime:
                     "The corrections ledger is new (%s): keys it does not know are looked up "
                     "in Orb, whose search cannot see events that were already amended. If "
                     "events of this Orb account were amended through another ledger, point "
-                    "`ledger_url` at that ledger.", ledger_describe(self.ledger.url),
+                    "`state_url` at that store.", ledger_describe(self.ledger.url),
                 )
         if self.backfills is not None:
             self.backfills.start()
@@ -208,12 +223,12 @@ class Runtime:
         if self._summarized:
             return
         self._summarized = True
-        text = self.stats.summary(
+        text = f"target-orb job {self.job_name!r}: " + self.stats.summary(
             dead_letter_path=self.dead_letters.path,
             dry_run=self.settings.dry_run,
             failed=failed,
         )
-        metrics = self.stats.as_dict()
+        metrics = {"job_name": self.job_name, **self.stats.as_dict()}
         if self.corrections is not None:
             text += "\n" + "\n".join(self.corrections.stats.summary_lines())
             metrics["corrections"] = self.corrections.stats.as_dict()
@@ -280,12 +295,37 @@ def _build_pipeline(
 
 
 def _build_ledger(runtime: Runtime, config: t.Mapping[str, t.Any]) -> Ledger | None:
-    """The store at `state_url`, when corrections or backfills need it (never in a dry run)."""
+    """The store at `state_url`, when corrections, backfills or dead letters need it (never
+    in a dry run)."""
     if runtime.client is not None and (
         load_method(config) == "upsert" or runtime.spec.late_event_policy == "backfill"
+        or config.get("dead_letter_target") == "state"
     ):
-        return Ledger(state_url(config, ledger_default_url(runtime.settings.dead_letter_path)))
+        url = state_url(config, ledger_default_url(runtime.settings.dead_letter_path))
+        return Ledger(url, setting=state_url_setting(config))
     return None
+
+
+def _build_dead_letters(
+    runtime: Runtime, config: t.Mapping[str, t.Any]
+) -> DeadLetterWriter | DeadLetterStore:
+    """The dead-letter file (`dead_letter_target: file`), or the store's table (`state`)."""
+    if config.get("dead_letter_target") == "state":
+        return DeadLetterStore(runtime.ledger, job_name=runtime.job_name, digest=entry_digest)
+    return DeadLetterWriter(runtime.settings.dead_letter_path)
+
+
+def _ownership(runtime: Runtime) -> OwnershipRecord | StoreOwnershipRecord:
+    """The backfill ownership record: in the store (a dry run, which has none, gets the
+    file's, never read)."""
+    s = runtime.settings
+    legacy = record_path_for(s.dead_letter_path)
+    if runtime.ledger is None:
+        return OwnershipRecord(legacy, s.api_url)
+    return StoreOwnershipRecord(
+        BackfillRows(runtime.ledger), api_url=s.api_url, job_name=runtime.job_name,
+        legacy_path=legacy,
+    )
 
 
 def _build_backfills(
@@ -300,7 +340,7 @@ def _build_backfills(
         deliverer=runtime.deliverer,
         make_ingest_deliverer=runtime.backfill_ingest_deliverer if runtime.client else None,
         stats=runtime.stats,
-        record=OwnershipRecord(record_path_for(s.dead_letter_path), s.api_url),
+        record=_ownership(runtime),
         write_limiter=runtime.write_limiter,
         read_limiter=runtime.read_limiter,
         grace_period_hours=runtime.spec.grace_period_hours,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import typing as t
 from dataclasses import dataclass
 
@@ -364,11 +365,37 @@ CONFIG_SCHEMA: dict = th.PropertiesList(
         "State URL",
         "SQLAlchemy URL of target-orb's own store: the ledger of what Orb acknowledged (key → "
         "body digest; under `load_method: upsert`, and under `late_event_policy: backfill` "
-        "the keys target-orb delivered, never re-sent into a backfill). Default: the SQLite "
-        "file `target-orb-ledger.sqlite` in the folder of `dead_letter_path`. Use "
-        "`postgresql://…` (extra `target-orb[postgres]`) in containers or when several jobs "
-        "share one Orb account; use one store per Orb account.",
+        "the keys target-orb delivered, never re-sent into a backfill), the backfills "
+        "target-orb created (per `job_name`) and, with `dead_letter_target: state`, the dead "
+        "letters. Default: the SQLite file `target-orb-ledger.sqlite` in the folder of "
+        "`dead_letter_path`. Use `postgresql://…` (extra `target-orb[postgres]`) in "
+        "containers (a disk thrown away after the run loses nothing) or when several jobs "
+        "share one Orb account; use one store per Orb account. See README \"Running in "
+        "containers\".",
         secret=True,
+    ),
+    _prop(
+        "dead_letter_target",
+        th.StringType,
+        "Dead-letter target",
+        "Where dead letters go: `file` (default), the JSON Lines file at `dead_letter_path`; "
+        "or `state`, a table in the store at `state_url` (same fields, plus the job and when "
+        "it was written and replayed; committed before the STATE that passes them), so they "
+        "survive a container's disk. List, export and replay them with "
+        "`target-orb-deadletter --state-url URL`.",
+        default="file",
+        allowed_values=["file", "state"],
+    ),
+    _prop(
+        "job_name",
+        th.StringType,
+        "Job name",
+        "Names this job in the store at `state_url`, the logs and the run summary; jobs "
+        "sharing one store recognise each other's backfills (one is waited for, never "
+        "written into or closed). Default: the state ID of the `meltano run` (rebuilt from "
+        "what Meltano puts in the environment: `MELTANO_STATE_ID` when set, else "
+        "`<MELTANO_ENVIRONMENT>:<extractor>-to-<loader>`), else `target-orb`. Give each job "
+        "sharing a store its own name.",
     ),
     _prop(
         "ledger_url",
@@ -461,6 +488,49 @@ class DeliverySettings:
 def state_url(config: t.Mapping[str, t.Any], default: str) -> str:
     """The store's URL: `state_url`, else its earlier name `ledger_url`, else `default`."""
     return str(config.get("state_url") or config.get("ledger_url") or default)
+
+
+def state_url_setting(config: t.Mapping[str, t.Any]) -> str:
+    """The name of the setting the store's URL came from (for messages)."""
+    return "ledger_url" if config.get("ledger_url") and not config.get("state_url") else "state_url"
+
+
+DEFAULT_JOB_NAME = "target-orb"
+
+
+def job_name(
+    config: t.Mapping[str, t.Any], environ: t.Mapping[str, str] | None = None
+) -> str:
+    """`job_name`, else the state ID of the Meltano run, else `target-orb`.
+
+    Meltano 4 does not hand its state ID to the loader; it sets `MELTANO_EXTRACTOR_NAME`,
+    `MELTANO_LOADER_NAME` (a plugin's info) and `MELTANO_ENVIRONMENT` in the loader's
+    environment, from which `meltano run` builds the state ID
+    (`meltano.core.block.extract_load.generate_state_id`:
+    `<environment>:<extractor>-to-<loader>[:<suffix>]`). `MELTANO_STATE_ID` (the
+    `meltano el --state-id` variable), when set, wins.
+
+    Args:
+        config: The parsed config.
+        environ: The environment (default: `os.environ`).
+
+    Returns:
+        The job's name.
+    """
+    value = config.get("job_name")
+    if value:
+        return str(value)
+    env = os.environ if environ is None else environ
+    if env.get("MELTANO_STATE_ID"):
+        return env["MELTANO_STATE_ID"]
+    extractor, loader = env.get("MELTANO_EXTRACTOR_NAME"), env.get("MELTANO_LOADER_NAME")
+    if extractor and loader:
+        parts = [
+            env.get("MELTANO_ENVIRONMENT") or "", f"{extractor}-to-{loader}",
+            env.get("MELTANO_RUN_STATE_ID_SUFFIX") or "",
+        ]
+        return ":".join(p for p in parts if p)
+    return DEFAULT_JOB_NAME
 
 
 def load_method(config: t.Mapping[str, t.Any]) -> str:

@@ -26,20 +26,24 @@ How history is loaded (README "Loading history"; Orb API reference: event backfi
   Orb reflected it and creates the next; after one such refusal for a backfill that does not
   overlap, the run keeps at most one backfill pending at a time (Orb's support pages: a new
   backfill cannot be created while another is still being reflected). The request carries
-  `Idempotency-Key: target-orb-backfill-<sha256 of the payload and the window's create
-  count>`: a retried create (timeout, 5xx, 409) sends the same payload and key, so Orb
+  `Idempotency-Key: target-orb-backfill-<sha256 of the payload, the window's create count
+  and the job_name>`: a retried create (timeout, 5xx, 409) sends the same payload and key, so Orb
   replays the first answer instead of making a second backfill; a later create (a later run,
   or a window whose backfill Orb closed) has a new close time or count, hence a new key, and
   never replays an old, closed backfill.
 - **Ownership record.** Orb keeps no label on a backfill, so target-orb writes what it
-  creates to a small JSON file beside the dead-letter file (`<dead_letter_path without
-  .jsonl>.backfills.json`, e.g. `target-orb-dead-letter.backfills.json`), fsynced and replaced
-  atomically: the create's payload and key *before* the request, the backfill id once Orb
-  answered, `closed` once closed. A pending backfill overlapping a window is target-orb's when
-  its id is in the record, or when it matches an unanswered create of the record (same
-  timeframe and the same `close_time`, to the second). Any other pending backfill (another
-  tool's, a person's) stops the run before anything of that window is sent, naming it, its
-  close time and what to do; target-orb never writes into it.
+  creates to its store at `state_url` (table `target_orb_backfills`, one row per create,
+  naming the `job_name`; `ownership.StoreOwnershipRecord`), committed: the create's payload
+  and key *before* the request, the backfill id once Orb answered, `closed` once closed. A
+  `….backfills.json` an earlier release kept beside the dead-letter file is imported once. A
+  pending backfill overlapping a window is this job's when its id is in one of the job's rows,
+  or when it matches an unanswered create of the job (same timeframe and the same
+  `close_time`, to the second): a killed run's, closed and continued whatever disk the rerun
+  starts on. One another job sharing the store created is waited for until Orb reflected it
+  (the waiting job first closes its own pending backfills, so two jobs never wait on each
+  other), never written into or closed. Any other pending backfill (another tool's, a
+  person's) stops the run before anything of that window is sent, naming it, its close time
+  and what to do; target-orb never writes into it.
 - **Before ingesting** a batch into a window's backfill, keys target-orb itself delivered
   (live or backfill; kept in the store at `state_url`, because search does not see amended
   events) are left out and counted "already delivered"; then `POST /v1/events/search` (500

@@ -14,6 +14,7 @@ from target_orb.backfill.requests import (
     LOGGER,
     MAX_CREATE_ATTEMPTS,
     MAX_ROTATIONS,
+    PENDING,
     SECOND,
     BackfillNotPendingError,
     BackfillRequests,
@@ -186,7 +187,9 @@ class BackfillLifecycle(BackfillRequests):
             close = instant(backfill.get("close_time"))
             owned = self.record.owner_entry(backfill)
             open_ = backfill.get("status") == "pending" and (close is None or close > now)
-            if owned is not None:
+            if owned is None and (job := self.record.other_job(backfill)) is not None:
+                self._wait_other_job(backfill, job, window)  # never written into or closed
+            elif owned is not None:
                 if owned.get("id") is None:
                     self.record.update(owned["idempotency_key"], now, id=bid, state="pending")
                 LOGGER.warning(
@@ -256,6 +259,9 @@ class BackfillLifecycle(BackfillRequests):
         open_ = backfill.get("status") == "pending" and (close is None or close > self._now())
         other = this_run.get(bid)
         owned = other is not None or self.record.owner_entry(backfill) is not None
+        if not owned and (job := self.record.other_job(backfill)) is not None:
+            self._wait_other_job(backfill, job, window)  # another job's: waited for
+            return True
         if owned and not overlaps:
             self._single = True
             LOGGER.warning(
@@ -277,6 +283,43 @@ class BackfillLifecycle(BackfillRequests):
         else:
             return False
         return True
+
+    def _wait_other_job(self, backfill: t.Mapping[str, t.Any], job: str, window: Window) -> None:
+        """Wait until Orb no longer lists another job's backfill as pending: that job closes
+        it when its run ends, or Orb at its close_time. Never written into, never closed."""
+        bid = str(backfill.get("id"))
+        close = instant(backfill.get("close_time"))
+        # Two jobs each waiting for the other's backfill would wait until the close times:
+        # a job that waits holds no pending backfill (what it loaded is reflected meanwhile).
+        self._single = True
+        for load in self._loads():
+            if load.backfill_id is not None and load.backfill_id != bid:
+                self._retire(load, f"target-orb job {job!r} has backfill {bid} pending")
+        LOGGER.warning(
+            "Backfill %s (%s..%s) overlapping %s was created by target-orb job %r, which "
+            "shares this store; waiting until Orb has reflected it (that job closes it when "
+            "its run ends; Orb at its close time %s).",
+            bid, backfill.get("timeframe_start"), backfill.get("timeframe_end"), window.label,
+            job, backfill.get("close_time"),
+        )
+        delay = 0.5
+        while True:
+            current = self._fetch(bid)
+            if current.get("status") not in PENDING:
+                return
+            late = close is not None and self._now() > close + datetime.timedelta(
+                seconds=self._budget
+            )
+            if late or self._aborted():
+                msg = (
+                    f"Backfill {bid} of target-orb job {job!r} overlapping {window.label} is "
+                    f"still {current.get('status')} in Orb past its close time "
+                    f"{backfill.get('close_time')}. Nothing of this window was sent and no "
+                    "STATE was written past it; rerun once Orb shows it `reflected`."
+                )
+                raise OrbFatalError(msg)
+            self._sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     @staticmethod
     def _blocked_message(
@@ -360,7 +403,9 @@ class BackfillLifecycle(BackfillRequests):
             1 for e in self.record.entries()
             if e.get("timeframe_start") == payload["timeframe_start"]
         )
-        digest = hashlib.sha256(jsonutil.dumps_sorted([payload, made])).hexdigest()
+        # Jobs sharing a store never share a key (Orb would answer both with one backfill).
+        who = [payload, made, self.record.job_name] if self.record.job_name else [payload, made]
+        digest = hashlib.sha256(jsonutil.dumps_sorted(who)).hexdigest()
         key = f"target-orb-backfill-{digest[:44]}"
         self.record.add_intent(payload, key, now)
         return payload, key, end

@@ -40,15 +40,6 @@ _UTC = datetime.timezone.utc
 _TOO_OLD = re.compile(r"grace|too old|older than|backfill", re.IGNORECASE)
 
 
-# ----------------------------------------------------------------------------- windows
-
-
-# ----------------------------------------------------------------------------- issued invoices
-
-
-# ----------------------------------------------------------------------------- ownership record
-
-
 # ----------------------------------------------------------------------------- manager
 
 
@@ -493,7 +484,7 @@ class BackfillManager(IssuedPolicy):
                     self.record.update(
                         load.key, self._now(), state="closed", events=load.events
                     )
-                except OSError as exc:
+                except (OSError, OrbFatalError) as exc:
                     LOGGER.error("Could not update the backfill record: %s", exc)
         if not failed:
             self._close_leftovers(closer)

@@ -19,7 +19,7 @@ from target_orb.orb.answers import Outcome, classify, orb_error_summary
 from target_orb.orb.delivery import Deliverer, Response
 
 if t.TYPE_CHECKING:
-    from target_orb.backfill.ownership import OwnershipRecord
+    from target_orb.backfill.ownership import OwnershipRecord, StoreOwnershipRecord
     from target_orb.orb.client import OrbClient
     from target_orb.orb.delivery import Limiter
     from target_orb.pipeline.deadletter import DeadLetterEntry
@@ -107,7 +107,7 @@ class BackfillRequests:
         make_ingest_deliverer: t.Callable[[t.Callable[[bytes, int], Response]], Deliverer]
         | None,
         stats: RunStats,
-        record: OwnershipRecord,
+        record: OwnershipRecord | StoreOwnershipRecord,
         write_limiter: Limiter | None,
         read_limiter: Limiter | None,
         grace_period_hours: float,

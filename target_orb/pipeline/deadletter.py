@@ -84,6 +84,17 @@ def entry_digest(item: t.Any) -> int | None:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
 
 
+class DeadLetterSink(t.Protocol):
+    """Where dead letters go: this file writer, or the store's table
+    (`state.deadletters.DeadLetterStore`, `dead_letter_target: state`)."""
+
+    path: str
+
+    def check_writable(self) -> str | None: ...
+
+    def write(self, entries: t.Sequence[DeadLetterEntry]) -> int: ...
+
+
 class DeadLetterWriter:
     """Thread-safe appender; `write` returns only once the lines are on disk."""
 

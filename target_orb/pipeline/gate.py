@@ -39,7 +39,7 @@ from target_orb.errors import (
     StateWriteError,
 )
 from target_orb.orb.delivery import Deliverer
-from target_orb.pipeline.deadletter import DeadLetterEntry, DeadLetterWriter, entry
+from target_orb.pipeline.deadletter import DeadLetterEntry, DeadLetterSink, entry
 from target_orb.pipeline.stats import RunStats
 
 # Named as before the package had folders: log lines and logging configs name it.
@@ -80,7 +80,7 @@ class Pipeline:
         self,
         *,
         deliverer: Deliverer | None,
-        dead_letters: DeadLetterWriter,
+        dead_letters: DeadLetterSink,
         stats: RunStats,
         invalid_policy: str,
         max_in_flight: int,

@@ -32,6 +32,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from target_orb import jsonutil
 from target_orb.errors import OrbFatalError
+from target_orb.state import schema
 from target_orb.state.digests import Known
 
 LEDGER_FILE_NAME = "target-orb-ledger.sqlite"
@@ -44,7 +45,7 @@ RETENTION = datetime.timedelta(days=400)
 _IN_CHUNK = 500  # keys per SELECT … IN (…)
 
 _UTC = datetime.timezone.utc
-metadata = sa.MetaData()
+metadata = schema.metadata  # one MetaData for the whole store (state/schema.py)
 ledger_table = sa.Table(
     TABLE_NAME,
     metadata,
@@ -79,7 +80,7 @@ class Write:
 
 
 def default_url(dead_letter_path: str) -> str:
-    """The default `ledger_url`: `target-orb-ledger.sqlite` in the dead-letter file's folder.
+    """The default `state_url`: `target-orb-ledger.sqlite` in the dead-letter file's folder.
 
     Args:
         dead_letter_path: The `dead_letter_path` setting.
@@ -92,7 +93,7 @@ def default_url(dead_letter_path: str) -> str:
 
 
 def _driver_url(url: str) -> sa.URL:
-    """Parse `ledger_url`; plain `postgresql://` uses psycopg 3 when psycopg2 is absent."""
+    """Parse `state_url`; plain `postgresql://` uses psycopg 3 when psycopg2 is absent."""
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         try:
@@ -103,7 +104,7 @@ def _driver_url(url: str) -> sa.URL:
 
 
 def describe(url: str) -> str:
-    """`ledger_url` without its password, for messages."""
+    """`state_url` without its password, for messages."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
@@ -114,15 +115,22 @@ class Ledger:
     """Thread-safe access to the ledger table (one short transaction per call)."""
 
     def __init__(
-        self, url: str, *, clock: t.Callable[[], datetime.datetime] | None = None
+        self,
+        url: str,
+        *,
+        clock: t.Callable[[], datetime.datetime] | None = None,
+        setting: str = "state_url",
     ) -> None:
         """Remember the URL; nothing is opened until `open`.
 
         Args:
             url: SQLAlchemy URL (sqlite:///… or postgresql://…).
             clock: Current aware UTC time (tests inject one).
+            setting: The setting the URL came from (`state_url`, or its earlier name
+                `ledger_url`), named in messages.
         """
         self.url = url
+        self.setting = setting
         self._clock = clock or (lambda: datetime.datetime.now(_UTC))
         self._engine: sa.Engine | None = None
         self._dialect = ""
@@ -133,18 +141,19 @@ class Ledger:
     # -- lifecycle -----------------------------------------------------------------------
 
     def open(self) -> None:
-        """Connect and create the table if needed.
+        """Connect, create the store's tables if needed and check the schema version.
 
         Raises:
-            OrbFatalError: The URL, driver or database cannot be used (names `ledger_url`).
+            OrbFatalError: The URL, driver or database cannot be used (names the setting).
         """
         shown = describe(self.url)
+        name = self.setting
         try:
             url = _driver_url(self.url)
             backend = url.get_backend_name()
             if backend not in ("sqlite", "postgresql"):
                 msg = (
-                    f"`ledger_url` {shown} uses {backend!r}; target-orb's ledger runs on "
+                    f"`{name}` {shown} uses {backend!r}; target-orb's store runs on "
                     "SQLite (sqlite:///path/to/file.sqlite) or PostgreSQL "
                     "(postgresql://user@host/db)."
                 )
@@ -154,37 +163,52 @@ class Ledger:
                 database = url.database or ""
                 if database and database != ":memory:":
                     os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
-                kwargs["connect_args"] = {"timeout": 30}
+                kwargs["connect_args"] = {"timeout": 30}  # busy timeout: waits for a lock
                 self._lock = threading.Lock()
             else:
                 kwargs["pool_pre_ping"] = True
             engine = sa.create_engine(url, **kwargs)
-            self.created = not sa.inspect(engine).has_table(TABLE_NAME)
-            metadata.create_all(engine, checkfirst=True)
+            self.created = schema.ensure(engine, self._clock())
         except OrbFatalError:
             raise
+        except schema.SchemaVersionError as exc:
+            msg = f"`{name}` {shown}: {exc}. Nothing was read or sent."
+            raise OrbFatalError(msg) from None
         except (NoSuchModuleError, ImportError, ModuleNotFoundError) as exc:
             msg = (
-                f"`ledger_url` {shown}: no database driver for it ({exc}). For PostgreSQL "
+                f"`{name}` {shown}: no database driver for it ({exc}). For PostgreSQL "
                 "install target-orb with the `postgres` extra (pip install "
                 "'target-orb[postgres]', or that as the Meltano pip_url)."
             )
             raise OrbFatalError(msg) from None
         except (ArgumentError, ValueError) as exc:
             msg = (
-                f"`ledger_url` {shown} is not a SQLAlchemy URL ({exc}); use e.g. "
+                f"`{name}` {shown} is not a SQLAlchemy URL ({exc}); use e.g. "
                 "sqlite:///ledger.sqlite or postgresql://user@host/db."
             )
             raise OrbFatalError(msg) from None
         except (SQLAlchemyError, OSError) as exc:
             msg = (
-                f"Cannot open the corrections ledger at `ledger_url` {shown}: "
+                f"Cannot open the corrections ledger (target-orb's store) at `{name}` {shown}: "
                 f"{_short_error(exc)}. Check the path or database, its permissions and that "
                 "it is reachable; nothing was read or sent."
             )
             raise OrbFatalError(msg) from None
         self._engine = engine
         self._dialect = backend
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The open engine (the store's other tables share it)."""
+        return self._engine_or_fail()
+
+    def guard(self) -> t.ContextManager[t.Any]:
+        """Serialise writers in-process on SQLite (one writer at a time); a no-op otherwise."""
+        return self._guard()
+
+    def now(self) -> datetime.datetime:
+        """The store's clock (aware UTC)."""
+        return self._clock()
 
     def close(self) -> None:
         """Release connections."""

@@ -411,3 +411,9 @@ def test_second_run_lands_nothing_new_only_duplicates(
     assert second_run.dead_letters == first_run.dead_letters
     assert "already dead-lettered: 1" in second_run.result.stderr
     assert second_run.state == first_run.state
+
+
+def test_job_name_defaults_to_the_meltano_state_id(first_run: RunSnapshot) -> None:
+    # Meltano 4 does not hand the loader its state ID; target-orb rebuilds it from
+    # MELTANO_ENVIRONMENT, MELTANO_EXTRACTOR_NAME and MELTANO_LOADER_NAME (issue 17).
+    assert f"target-orb job '{STATE_ID}'" in first_run.result.stderr

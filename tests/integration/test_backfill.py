@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -175,8 +176,13 @@ def test_forty_days_land_once_through_closed_non_replacing_backfills(capture_orb
     assert metrics["already_in_orb"] == 1
     assert sorted(b["id"] for b in metrics["backfills"]) == sorted(b["id"] for b in backfills)
     assert all(b["status"] == "reflected" for b in metrics["backfills"])
-    record = json.loads((tmp_path / "dead-letter.backfills.json").read_text())
-    assert {b["id"] for b in record["backfills"]} == {b["id"] for b in backfills}
+    # The ownership record is in the store at `state_url` (issue 17), not beside the file.
+    assert not (tmp_path / "dead-letter.backfills.json").exists()
+    with sqlite3.connect(tmp_path / "target-orb-ledger.sqlite") as db:
+        rows = db.execute("SELECT backfill_id, job_name, state FROM target_orb_backfills")
+        record = list(rows)
+    assert {r[0] for r in record} == {b["id"] for b in backfills}
+    assert {(r[1], r[2]) for r in record} == {("target-orb", "closed")}
     assert "Traceback" not in result.stderr
     assert_no_secret(result.stdout, result.stderr)
 

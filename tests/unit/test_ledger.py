@@ -184,7 +184,7 @@ def test_concurrent_writers_on_one_sqlite_file(ledger):
     ],
 )
 def test_unusable_urls_fail_with_the_setting_named(url, expected):
-    with pytest.raises(OrbFatalError, match="ledger_url") as info:
+    with pytest.raises(OrbFatalError, match="state_url") as info:
         Ledger(url).open()
     assert expected in str(info.value)
 
@@ -200,7 +200,7 @@ def test_password_never_in_the_message():
     with pytest.raises(OrbFatalError) as info:
         Ledger("postgresql://user:s3cret-pw@127.0.0.1:1/db?connect_timeout=1").open()
     assert "s3cret-pw" not in str(info.value)
-    assert "ledger_url" in str(info.value)
+    assert "state_url" in str(info.value)
 
 
 def test_open_says_whether_it_created_the_ledger(make_ledger):
