@@ -14,9 +14,11 @@ share one PostgreSQL store.
 from __future__ import annotations
 
 import datetime
+import time
 import typing as t
 
 import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
 
 SCHEMA_VERSION = 1
 metadata = sa.MetaData()
@@ -83,7 +85,7 @@ def ensure(engine: sa.Engine, now: datetime.datetime) -> bool:
         SchemaVersionError: The store's schema is newer than this release's.
     """
     created = not sa.inspect(engine).has_table("target_orb_ledger")
-    metadata.create_all(engine, checkfirst=True)
+    _create_tables(engine)
     with engine.begin() as conn:
         found = conn.execute(
             sa.select(schema_table.c.value).where(schema_table.c.name == "version")
@@ -100,6 +102,32 @@ def ensure(engine: sa.Engine, now: datetime.datetime) -> bool:
             )
             raise SchemaVersionError(msg)
     return created
+
+
+# Any fixed number: the PostgreSQL advisory lock that serialises schema creation between jobs.
+_SCHEMA_LOCK_KEY = 0x7A726F62  # "zrob"
+
+
+def _create_tables(engine: sa.Engine) -> None:
+    """Create the missing tables; safe when several jobs open a new store at once.
+
+    On PostgreSQL the creation holds a transaction-scoped advisory lock, so a second job
+    waits and then finds the tables; on SQLite (or a lock-less race) a job that loses the
+    race to create a table looks again and finds it.
+    """
+    for attempt in range(3):
+        try:
+            with engine.begin() as conn:
+                if engine.dialect.name == "postgresql":
+                    conn.execute(
+                        sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
+                    )
+                metadata.create_all(conn, checkfirst=True)
+            return
+        except SQLAlchemyError:
+            if attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def version(engine: sa.Engine) -> int | None:

@@ -57,7 +57,8 @@ def test_killed_history_load_rerun_on_an_empty_disk_loses_nothing(postgres, tmp_
         )
         proc = start_target(config1, singer_lines(records, state_every=20), tmp_path / "run1")
         assert proc.stdout is not None
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        reader = threading.Thread(target=proc.stdout.read, daemon=True)
+        reader.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(
             b["events_ingested"] >= 30 for b in fake.backfills()
@@ -65,6 +66,8 @@ def test_killed_history_load_rerun_on_an_empty_disk_loses_nothing(postgres, tmp_
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
+        reader.join(10)
+        proc.stdout.close()
         assert any(b["status"] == "pending" for b in fake.backfills()), "killed mid-backfill"
         assert db.scalar("SELECT count(*) FROM target_orb_dead_letters") == "3"
         shutil.rmtree(tmp_path / "run1")  # the container's disk is gone
@@ -129,7 +132,8 @@ def test_two_jobs_sharing_the_store_with_overlapping_windows_both_finish(postgre
         for th in threads:
             th.join(420)
         for name, result in results.items():
-            assert result.returncode == 0, (name, result.stderr)
+            problems = [ln for ln in result.stderr.splitlines() if "ERROR" in ln]
+            assert result.returncode == 0, (name, problems, result.stderr[-3000:])
             assert f"target-orb job '{name}'" in result.stderr
             assert "did not create it" not in result.stderr
         assert len(results) == 2
