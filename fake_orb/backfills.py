@@ -13,6 +13,7 @@ from fake_orb.common import (
     _Outcome,
     _Request,
     constraint_violation,
+    cursor_page,
     fmt_time,
     parse_datetime,
     parse_event_timestamp,
@@ -473,23 +474,7 @@ class Backfills(Invoices):
             if (status is None or bf["status"] == status)
             and (customer_id is None or bf["customer_id"] == customer_id)
         ]
-        cursor = query.get("cursor", [None])[0]
-        if cursor is not None:
-            ids = [bf["id"] for bf in items]
-            if cursor not in ids:
-                return validation_failed([f"cursor {cursor!r} is not a cursor this list gave"])
-            items = items[ids.index(cursor) + 1 :]
-        page, more = items[:limit], len(items) > limit
-        return _Outcome(
-            200,
-            {
-                "data": page,
-                "pagination_metadata": {
-                    "has_more": more,
-                    "next_cursor": page[-1]["id"] if more else None,
-                },
-            },
-        )
+        return cursor_page(items, query.get("cursor", [None])[0], limit)
 
     def _http_backfill_action(self, backfill_id: str, action: str | None) -> _Outcome:
         now = self.now()

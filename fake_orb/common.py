@@ -111,6 +111,27 @@ def validation_failed(errors: list[Any], detail: str | None = None) -> _Outcome:
     )
 
 
+def cursor_page(items: list[dict[str, Any]], cursor: str | None, limit: int) -> _Outcome:
+    """One page of an Orb list answer: the items after `cursor` (an id this list gave),
+    at most `limit`, with `pagination_metadata` (`has_more`, `next_cursor`: the last id)."""
+    if cursor is not None:
+        ids = [item["id"] for item in items]
+        if cursor not in ids:
+            return validation_failed([f"cursor {cursor!r} is not a cursor this list gave"])
+        items = items[ids.index(cursor) + 1 :]
+    page, more = items[:limit], len(items) > limit
+    return _Outcome(
+        200,
+        {
+            "data": page,
+            "pagination_metadata": {
+                "has_more": more,
+                "next_cursor": page[-1]["id"] if more else None,
+            },
+        },
+    )
+
+
 def constraint_violation(detail: str) -> _Outcome:
     """400 ``constraint-violation``: a well-formed request Orb's rules refuse."""
     return _Outcome(400, error_body(400, "400-constraint-violation", detail=detail))

@@ -13,6 +13,7 @@ from fake_orb.common import (
     _DATE_RE,
     _Outcome,
     _Request,
+    cursor_page,
     fmt_time,
     parse_datetime,
     parse_event_timestamp,
@@ -376,24 +377,7 @@ class Invoices(Customers):
         if flags.get("include_zero_quantity_line_items") is False:
             for inv in items:
                 inv["line_items"] = [li for li in inv["line_items"] if li["quantity"] != 0]
-        cursor = one.get("cursor")
-        if cursor is not None:
-            ids = [i["id"] for i in items]
-            if cursor not in ids:
-                return validation_failed([f"cursor {cursor!r} is not a cursor this list gave"])
-            items = items[ids.index(cursor) + 1 :]
-        limit = int(raw_limit)
-        page, more = items[:limit], len(items) > limit
-        return _Outcome(
-            200,
-            {
-                "data": page,
-                "pagination_metadata": {
-                    "has_more": more,
-                    "next_cursor": page[-1]["id"] if more else None,
-                },
-            },
-        )
+        return cursor_page(items, one.get("cursor"), int(raw_limit))
 
     def _http_invoice(self, invoice_id: str) -> _Outcome:
         inv = self.invoice(invoice_id)
